@@ -1,0 +1,13 @@
+"""Errors raised for bad user input. Each message names the offending thing and the fix."""
+
+
+class LoraTrainerError(Exception):
+    """Base class of every error lora_trainer raises for bad input."""
+
+
+class CheckpointError(LoraTrainerError):
+    """A model directory, config.json or safetensors file is missing, corrupt or does not fit."""
+
+
+class ParallelConfigError(LoraTrainerError):
+    """Parallel sizes that do not fit the world size or the model's heads, experts or layers."""
