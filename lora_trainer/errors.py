@@ -11,3 +11,7 @@ class CheckpointError(LoraTrainerError):
 
 class ParallelConfigError(LoraTrainerError):
     """Parallel sizes that do not fit the world size or the model's heads, experts or layers."""
+
+
+class ExportError(LoraTrainerError):
+    """An export could not be written: disk full, no permission, or an unusable output directory."""
