@@ -15,3 +15,7 @@ class ParallelConfigError(LoraTrainerError):
 
 class ExportError(LoraTrainerError):
     """An export could not be written: disk full, no permission, or an unusable output directory."""
+
+
+class DataError(LoraTrainerError):
+    """A dataset file, sample, tokenizer or data setting that cannot be used for training."""
