@@ -1,0 +1,89 @@
+"""A LoRA adapter in Hugging Face layout: what the export writers take as input.
+
+The gather from the Megatron ranks produces an `HFAdapter`: every LoRA factor already full size
+(no TP/EP shards), already split into the HF target modules (`q_proj` incl. its gate rows,
+`in_proj_qkv/z/b/a`, `gate_proj`/`up_proj`, ...), named by the HF module path below the text
+prefix. The writers only lay it out on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class HFLoraWeights:
+    """LoRA factors of one HF linear module: delta = scale * b @ a, shaped like its weight [out, in].
+
+    `a` is [r, in], `b` is [out, r].
+    """
+
+    a: Tensor
+    b: Tensor
+
+    def __post_init__(self) -> None:
+        if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[0] != self.b.shape[1]:
+            raise ValueError(
+                f"linear LoRA factors must be a [r, in] and b [out, r]; got a {tuple(self.a.shape)}, "
+                f"b {tuple(self.b.shape)}"
+            )
+
+
+@dataclass(frozen=True)
+class HFExpertLoraWeights:
+    """LoRA factors of the routed experts of one layer for one packed projection.
+
+    `a` is [E, r, in], `b` is [E, out, r]; delta[e] = scale * b[e] @ a[e] is shaped like the HF packed
+    parameter W[e] (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), which the model applies as
+    `linear(x, W[e])`.
+    """
+
+    a: Tensor
+    b: Tensor
+
+    def __post_init__(self) -> None:
+        if (
+            self.a.ndim != 3
+            or self.b.ndim != 3
+            or self.a.shape[0] != self.b.shape[0]
+            or self.a.shape[1] != self.b.shape[2]
+        ):
+            raise ValueError(
+                f"expert LoRA factors must be a [E, r, in] and b [E, out, r]; got a {tuple(self.a.shape)}, "
+                f"b {tuple(self.b.shape)}"
+            )
+
+
+@dataclass(frozen=True)
+class HFAdapter:
+    """A whole adapter in HF layout.
+
+    `linears` is keyed by the HF module path without the text prefix (`layers.0.self_attn.q_proj`,
+    `layers.1.linear_attn.in_proj_qkv`, `layers.0.mlp.shared_expert.gate_proj`, dense
+    `layers.0.mlp.gate_proj`); `experts` by the packed parameter path
+    (`layers.0.mlp.experts.gate_up_proj`, `layers.0.mlp.experts.down_proj`). `text_prefix` is
+    `model.language_model.` for ForConditionalGeneration checkpoints and `model.` for ForCausalLM.
+    """
+
+    linears: dict[str, HFLoraWeights]
+    experts: dict[str, HFExpertLoraWeights]
+    r: int
+    alpha: float
+    use_rslora: bool
+    text_prefix: str
+    base_model_name_or_path: str
+
+    def __post_init__(self) -> None:
+        ranks = {w.a.shape[-2] for w in (*self.linears.values(), *self.experts.values())}
+        if ranks - {self.r}:
+            raise ValueError(f"adapter rank is {self.r} but its factors have ranks {sorted(ranks)}")
+        if not self.text_prefix.endswith("."):
+            raise ValueError(f"text_prefix must end with '.', got {self.text_prefix!r}")
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
