@@ -28,7 +28,7 @@ def _vocab_slice(full: torch.Tensor) -> torch.Tensor:
     return full.chunk(tp, dim=-1)[rank]
 
 
-def _forward_backward(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
+def forward_backward(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
     """One micro-batch through megatron's schedule; returns gathered logits on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -84,7 +84,7 @@ def run_parity(rank: int, world_size: int, parallel: dict[str, Any], checkpoints
         for kind, path in checkpoints.items():
             loaded = build_model_from_hf(Path(path), config)
             model = loaded.model
-            local = {"logits": _forward_backward(model, input_ids), "embed_grad": _embedding_grad(model)}
+            local = {"logits": forward_backward(model, input_ids), "embed_grad": _embedding_grad(model)}
             everyone: list[Any] = [None] * world_size
             dist.all_gather_object(everyone, local)
             merged = {key: next(r[key] for r in everyone if r[key] is not None) for key in local}

@@ -29,6 +29,11 @@ def check_parallel_fits(spec: Qwen35Spec, parallel: ParallelConfig) -> None:
             raise ParallelConfigError(
                 f"parallel.ep={parallel.ep} but the model {spec.model_type!r} is dense (no experts); set parallel.ep=1"
             )
+    if spec.is_moe and parallel.tp > 1 and not parallel.sp:
+        raise ParallelConfigError(
+            f"parallel.tp={parallel.tp} on a MoE model needs sequence parallelism (megatron-core's "
+            "MoE layer requires it with tensor parallelism); set parallel.sp=true"
+        )
     problems = [
         f"{key}={size} does not divide the {what} = {count}"
         for key, size, what, count in splits

@@ -1,0 +1,106 @@
+"""Gather the LoRA adapter from every rank (TP, EP, PP) into HF layout (`HFAdapter`).
+
+Each fused adapter is split by the group size it was built with: a factor's rows are put back at
+the positions the base weight's transform gives for each rank, then cut into the HF targets.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from lora_trainer.bridge.gather import gather_shards
+from lora_trainer.bridge.loader import group_rank_size
+from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
+from lora_trainer.lora.config import LoraConfig
+from lora_trainer.lora.layers import LoraLinear
+from lora_trainer.lora.layout import shard_positions
+from lora_trainer.qwen35.spec import Qwen35Spec
+
+# (HF module path below the text prefix, expert index or None) -> (a [r, in], b [out, r])
+LocalFactors = dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _unshard(shards: list[torch.Tensor], adapter: LoraLinear, dim: int) -> torch.Tensor:
+    """Put each rank's shard back at its positions along `dim` of the full factor."""
+    total = sum(span.size for span in adapter.spans)
+    shape = list(shards[0].shape)
+    shape[dim] = total
+    full = shards[0].new_zeros(shape)
+    for rank, shard in enumerate(shards):
+        positions = shard_positions(adapter.transform, rank, len(shards), 0 if dim == 0 else 1)
+        full.index_copy_(dim, positions, shard)
+    return full
+
+
+def full_factors(adapter: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """a [adapters, r, in_full], b [out_full, r] (rows in target-concatenation order), on every
+    rank of the adapter's group."""
+    a, b_local = adapter.lora_A.detach(), adapter.local_b_fused_order().detach()
+    if adapter.kind == "column":
+        return a, _unshard(gather_shards(b_local, adapter.group), adapter, 0)
+    return _unshard(gather_shards(a, adapter.group), adapter, 2), b_local
+
+
+def _hf_module(ref_name: str, prefix: str) -> str:
+    name = ref_name[len(prefix):] if ref_name.startswith(prefix) else ref_name
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def local_hf_factors(adapters: list[LoraLinear], spec: Qwen35Spec) -> LocalFactors:
+    """This rank's adapters cut into HF targets; kept by the first rank of each split group."""
+    out: LocalFactors = {}
+    for adapter in adapters:
+        a_full, b_full = full_factors(adapter)
+        rank, _ = group_rank_size(adapter.group)
+        if rank != 0:
+            continue
+        for index, span in enumerate(adapter.spans):
+            a = a_full[index if a_full.shape[0] > 1 else 0]
+            b = b_full[span.offset: span.offset + span.size] if adapter.kind == "column" else b_full
+            key = (_hf_module(span.ref.name, spec.text_prefix), span.ref.expert)
+            out[key] = (a.clone().float(), b.clone().float())
+    return out
+
+
+def _all_ranks(local: LocalFactors) -> LocalFactors:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    everyone: list[LocalFactors | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {k: (a.cpu(), b.cpu()) for k, (a, b) in local.items()})
+    merged: LocalFactors = {}
+    for part in everyone:
+        merged.update(part or {})
+    return merged
+
+
+def gather_hf_adapter(
+    adapters: list[LoraLinear], spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str
+) -> HFAdapter:
+    """The whole adapter in HF layout, on every rank. Collective: every rank must call it."""
+    factors = _all_ranks(local_hf_factors(adapters, spec))
+    linears: dict[str, HFLoraWeights] = {}
+    experts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
+    for (module, expert), (a, b) in factors.items():
+        if expert is None:
+            linears[module] = HFLoraWeights(a=a, b=b)
+        else:
+            experts[module][expert] = (a, b)
+    stacked = {
+        module: HFExpertLoraWeights(
+            a=torch.stack([by_expert[e][0] for e in sorted(by_expert)]),
+            b=torch.stack([by_expert[e][1] for e in sorted(by_expert)]),
+        )
+        for module, by_expert in experts.items()
+    }
+    return HFAdapter(
+        linears=dict(sorted(linears.items())),
+        experts=dict(sorted(stacked.items())),
+        r=config.r,
+        alpha=config.alpha,
+        use_rslora=config.rslora,
+        text_prefix=spec.text_prefix,
+        base_model_name_or_path=base_model_name_or_path,
+    )

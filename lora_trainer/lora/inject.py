@@ -1,0 +1,53 @@
+"""Put LoRA adapters on the targeted linears of a loaded model and freeze everything else."""
+
+from __future__ import annotations
+
+import logging
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from lora_trainer.bridge.loader import model_mapping
+from lora_trainer.lora.config import LoraConfig
+from lora_trainer.lora.layers import LoraLinear
+from lora_trainer.qwen35.model import Qwen35Model
+
+log = logging.getLogger(__name__)
+
+
+def inject_lora(model: Qwen35Model, config: LoraConfig) -> list[LoraLinear]:
+    """Wrap every targeted column/row-parallel linear of this rank's stage in a LoraLinear.
+
+    Call after the base weights are loaded: the wrapped modules' parameters move under `.base`.
+    Returns the adapters in a fixed order (the same on every rank of a stage)."""
+    config.check_model(model.spec.is_moe)
+    adapters: list[LoraLinear] = []
+    for mapping in model_mapping(model, "packed"):
+        if not mapping.megatron_name.endswith(".weight"):
+            continue
+        module_name = mapping.megatron_name[: -len(".weight")]
+        parent_name, _, leaf = module_name.rpartition(".")
+        if leaf not in config.targets:
+            continue
+        base = model.get_submodule(module_name)
+        if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
+            continue
+        adapter = LoraLinear(
+            base,
+            name=module_name,
+            kind="column" if isinstance(base, ColumnParallelLinear) else "row",
+            transform=mapping.transform,
+            group=mapping.group,
+            r=config.r,
+            scale=config.scale,
+            dropout=config.dropout,
+            canonical=config.style == "canonical",
+            seed=config.seed,
+        )
+        setattr(model.get_submodule(parent_name), leaf, adapter)
+        adapters.append(adapter)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA (%s, r=%d) on %d linears of this rank: %d trainable parameters",
+             config.style, config.r, len(adapters), trainable)
+    return adapters

@@ -1,0 +1,89 @@
+"""What each rank runs in the LoRA tests (module level, so spawned ranks can import it).
+
+For every checkpoint: build our model, inject LoRA, give every adapter the same full random
+factors at every layout (non-zero B), run one forward/backward through megatron's schedule, and
+return the logits, the LoRA gradients in HF layout, and the adapter gathered into HF layout.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tests.parity_runner import forward_backward
+
+
+def random_full_factors(adapter: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full (unsharded) random factors for one adapter, the same at every parallel layout."""
+    generator = torch.Generator().manual_seed(seed + zlib.crc32(adapter.name.encode()))
+    full_in = adapter.lora_A.shape[2] if adapter.kind == "column" else sum(s.size for s in adapter.spans)
+    full_out = sum(s.size for s in adapter.spans) if adapter.kind == "column" else adapter.lora_B[0].shape[0]
+    a = torch.randn(adapter.adapters, adapter.r, full_in, generator=generator) / full_in**0.5
+    b = torch.randn(full_out, adapter.r, generator=generator) / adapter.r**0.5
+    return a, b
+
+
+def _finalize_grads(model: Any) -> None:
+    """Sum the gradients of factors that saw only a sequence shard (megatron's DDP does this in
+    training through finalize_model_grads)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    for param in model.parameters():
+        if param.grad is not None and getattr(param, "sequence_parallel", False):
+            dist.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
+
+
+def _grads_as_adapter(adapters: list[Any], spec: Any, config: Any) -> Any:
+    """The LoRA gradients laid out like the adapter (swap each factor for its gradient)."""
+    from lora_trainer.export.gather_adapter import gather_hf_adapter
+
+    saved = [(a.lora_A.data, [b.data for b in a.lora_B]) for a in adapters]
+    for adapter in adapters:
+        adapter.lora_A.data = adapter.lora_A.grad.clone()
+        for b in adapter.lora_B:
+            b.data = b.grad.clone()
+    grads = gather_hf_adapter(adapters, spec, config, "")
+    for adapter, (a, bs) in zip(adapters, saved):
+        adapter.lora_A.data = a
+        for b, value in zip(adapter.lora_B, bs):
+            b.data = value
+    return grads
+
+
+def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
+             input_ids: torch.Tensor, lora: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from lora_trainer.bridge.build import build_model_from_hf
+    from lora_trainer.export.gather_adapter import gather_hf_adapter
+    from lora_trainer.lora.config import LoraConfig
+    from lora_trainer.lora.inject import inject_lora
+    from lora_trainer.parallel.config import ParallelConfig
+    from lora_trainer.parallel.state import destroy_parallel, initialize_parallel
+
+    config = ParallelConfig(**parallel)
+    lora_config = LoraConfig(**lora)
+    initialize_parallel(config, seed=1234)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for kind, path in checkpoints.items():
+            loaded = build_model_from_hf(Path(path), config)
+            adapters = inject_lora(loaded.model, lora_config)
+            for adapter in adapters:
+                adapter.set_full(*random_full_factors(adapter, seed=5))
+            logits = forward_backward(loaded.model, input_ids)
+            _finalize_grads(loaded.model)
+            everyone: list[Any] = [None] * world_size
+            dist.all_gather_object(everyone, logits)
+            results[kind] = {
+                "logits": next(x for x in everyone if x is not None),
+                "adapter": gather_hf_adapter(adapters, loaded.spec, lora_config, path),
+                "grads": _grads_as_adapter(adapters, loaded.spec, lora_config),
+            }
+    finally:
+        destroy_parallel()
+    return results
