@@ -29,7 +29,7 @@ def build_model_from_hf(
 ) -> LoadedModel:
     """Spec from config.json, fit check, the model for this rank's stage, weights loaded.
 
-    Needs `lora_trainer.parallel.initialize_parallel` to have run with the same `parallel`."""
+    Needs `lora_trainer.parallel.state.initialize_parallel` to have run with the same `parallel`."""
     hf_path = Path(hf_path)
     spec = Qwen35Spec.from_hf_dir(hf_path)
     check_parallel_fits(spec, parallel)

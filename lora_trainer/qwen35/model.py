@@ -43,6 +43,9 @@ class Qwen35Model(MegatronModule):
     def __init__(self, spec: Qwen35Spec, config: TransformerConfig) -> None:
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder
+        # With tied HF embeddings the output layer holds its own copy of the (frozen) table, so
+        # megatron's finalize_model_grads has no shared embedding to synchronise.
+        self.share_embeddings_and_output_weights = False
         self.spec = spec
         self.pre_process = parallel_state.is_pipeline_first_stage()
         self.post_process = parallel_state.is_pipeline_last_stage()
