@@ -1,0 +1,110 @@
+"""Wires a validated run into a Lightning Trainer: strategy, module, data, logger, save callback."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from callbacks.checkpoint_export import CheckpointExportCallback
+from lora_trainer.data.datamodule import SFTDataModule
+from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
+from lora_trainer.training.checkpoints import complete_saves
+from lora_trainer.training.config import TrainConfig
+from lora_trainer.training.module import LoraTrainingModule, parallel_config
+from lora_trainer.training.strategy import MegatronStrategy
+
+log = logging.getLogger(__name__)
+
+
+def _wandb_has_credentials() -> bool:
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+
+
+def build_logger(config: TrainConfig) -> Any:
+    """WandbLogger with the full resolved config; offline (and saying so) without credentials."""
+    if config.logger.kind == "none":
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    offline = os.environ.get("WANDB_MODE") == "offline" or not _wandb_has_credentials()
+    if offline:
+        os.environ["WANDB_MODE"] = "offline"
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            log.warning(
+                "wandb: no credentials found (WANDB_API_KEY or `wandb login`); logging offline under "
+                "%s/wandb. Upload later with `wandb sync`. Set logger=none to turn wandb off.",
+                config.output_dir,
+            )
+    return WandbLogger(
+        project=config.logger.project,
+        name=config.logger.name,
+        save_dir=config.output_dir,
+        offline=offline,
+        config=dataclasses.asdict(config),
+    )
+
+
+def check_batch(vocab_size: int) -> torch.Tensor:
+    """The fixed batch on which the export check compares logits."""
+    return torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def train(config: TrainConfig, resolved: Any) -> None:
+    """Train LoRA on `resolved.hf_path` with `config`; saves and exports per `config.checkpoint`."""
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    data = SFTDataModule(
+        config.data.train_path or str(TINY_SFT_PATH),
+        model_dir=str(resolved.hf_path),
+        max_seq_len=config.data.max_seq_len,
+        micro_batch_size=config.trainer.micro_batch_size,
+        global_batch_size=config.trainer.global_batch_size,
+        val_path=config.data.val_path,
+        pack=config.data.pack,
+        seed=config.data.seed,
+    )
+    module = LoraTrainingModule(config, str(resolved.hf_path), resolved.num_microbatches)
+    saver = CheckpointExportCallback(config, check_batch(resolved.spec.vocab_size))
+    validate = bool(config.data.val_path) and config.trainer.val_every_n_steps > 0
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=config.trainer.devices,
+        num_nodes=config.trainer.num_nodes,
+        strategy=MegatronStrategy(parallel_config(config), seed=config.seed),
+        max_steps=config.trainer.max_steps,
+        precision="32-true",
+        logger=build_logger(config),
+        callbacks=[saver],
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        log_every_n_steps=config.trainer.log_every_n_steps,
+        limit_val_batches=None if validate else 0,
+        val_check_interval=config.trainer.val_every_n_steps if validate else None,
+        check_val_every_n_epoch=None if validate else 1,
+        num_sanity_val_steps=0,
+        default_root_dir=config.output_dir,
+    )
+    resume = resolved.resume_path
+    ckpt_path = str(Path(resume) / "training_state") if resume else None
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    saves = complete_saves(Path(config.output_dir) / "checkpoints")
+    if trainer.is_global_zero and saves:
+        print(final_message(saves[-1]))
+
+
+def final_message(save: Path) -> str:
+    """Where the exports are and how to load them."""
+    return (
+        f"\nTraining done. Latest save: {save}\n"
+        f"  adapter (PEFT):  {save / 'hf_adapter'}\n"
+        f"  merged (HF):     {save / 'hf_merged'}\n"
+        "Load the adapter:  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
+        f"'{save / 'hf_adapter'}')\n"
+        f"Load merged:       AutoModelForCausalLM.from_pretrained('{save / 'hf_merged'}')\n"
+    )

@@ -1,0 +1,188 @@
+"""The LightningModule: builds the Qwen3.5 stage with LoRA on each rank, runs one global batch
+per training step through megatron's (pipeline-aware) schedule, and steps AdamW."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from lora_trainer.bridge.build import LoadedModel, build_model_from_hf
+from lora_trainer.lora.config import LoraConfig
+from lora_trainer.lora.inject import inject_lora
+from lora_trainer.lora.layers import LoraLinear
+from lora_trainer.parallel.config import ParallelConfig
+from lora_trainer.training.config import TrainConfig
+from lora_trainer.training.loss import masked_token_loss
+from lora_trainer.training.optim import build_optimizer, clip_gradients, warmup_cosine
+
+MODEL_KEYS = ("input_ids", "position_ids", "cu_seqlens")
+
+
+def parallel_config(config: TrainConfig) -> ParallelConfig:
+    p = config.parallel
+    return ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, sp=p.sp)
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    lo = config.lora
+    return LoraConfig(
+        r=lo.r, alpha=lo.alpha, rslora=lo.rslora, dropout=lo.dropout,
+        targets=tuple(lo.targets), style=lo.style, seed=lo.seed,  # type: ignore[arg-type]
+    )
+
+
+def params_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on GPU, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+class LoraTrainingModule(pl.LightningModule):
+    def __init__(self, config: TrainConfig, hf_path: str, num_microbatches: int) -> None:
+        super().__init__()
+        self.config = config
+        self.hf_path = hf_path
+        self.num_microbatches = num_microbatches
+        self.automatic_optimization = False
+        self.strict_loading = False
+        self.loaded: LoadedModel | None = None
+        self.adapters: list[LoraLinear] = []
+        self.ddp: DistributedDataParallel | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.tokens_seen = 0
+
+    def configure_model(self) -> None:
+        if self.loaded is not None:
+            return
+        self.loaded = build_model_from_hf(self.hf_path, parallel_config(self.config), params_dtype(self.config.model.dtype))
+        self.adapters = inject_lora(self.loaded.model, lora_config(self.config))
+        for adapter in self.adapters:
+            for param in [adapter.lora_A, *adapter.lora_B]:
+                param.data = param.data.float()
+        model_config = self.loaded.model.config
+        model_config.calculate_per_token_loss = True
+        model_config.finalize_model_grads_func = finalize_model_grads
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
+        self.ddp = DistributedDataParallel(config=model_config, ddp_config=ddp_config, module=self.loaded.model)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.loaded.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.trainable_parameters(), self.config.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(self.config.optim, self.config.trainer.max_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Only the LoRA factors of this rank (the base is the HF checkpoint, never saved)."""
+        return {name: p.detach().clone() for name, p in self.loaded.model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        params = dict(self.loaded.model.named_parameters())
+        missing = [name for name, p in params.items() if p.requires_grad and name not in state_dict]
+        unexpected = [name for name in state_dict if name not in params]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"the checkpoint's LoRA parameters do not match this model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}; resume with the same lora.* and parallel.* settings"
+            )
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                params[name].copy_(value)
+
+    def _microbatches(self, dataloader_iter: Iterator[Any]) -> Iterator[dict[str, torch.Tensor]]:
+        for _ in range(self.num_microbatches):
+            batch, _, _ = next(dataloader_iter)
+            yield {key: value.to(self.device) for key, value in batch.items()}
+
+    def _forward_step(self, data_iterator: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple[torch.Tensor, Any]:
+        batch = next(data_iterator)
+        cu_seqlens = batch.get("cu_seqlens")
+        output = model(batch["input_ids"], batch["position_ids"], None if cu_seqlens is None else cu_seqlens.long())
+
+        def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+            loss_sum, tokens = masked_token_loss(logits, batch["labels"])
+            return loss_sum, tokens.int(), {"loss": torch.stack([loss_sum.detach(), tokens.float()])}
+
+        return output, loss_func
+
+    def training_step(self, dataloader_iter: Iterator[Any]) -> None:
+        start = time.perf_counter()
+        optimizer = self.optimizers()
+        self.ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = self._run_schedule(self._microbatches(dataloader_iter), self.num_microbatches, forward_only=False)
+        params = self.trainable_parameters()
+        for param in params:
+            param.grad = param.main_grad.to(param.dtype)
+        norm = clip_gradients(params, self.config.optim.clip_grad)
+        optimizer.step()
+        self.scheduler.step()
+        loss, tokens = self._global_loss(losses)
+        self.tokens_seen += int(tokens)
+        elapsed = time.perf_counter() - start
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/grad_norm": norm.item(),
+                "train/tokens_per_s": tokens / elapsed,
+                "train/tokens_seen": float(self.tokens_seen),
+            },
+            prog_bar=True, rank_zero_only=True, batch_size=1,
+        )
+
+    def _global_loss(self, losses: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """Token-weighted mean loss over the global batch and its trained-token count, on every
+        rank (the losses live on the last pipeline stage)."""
+        totals = torch.zeros(2)
+        for item in losses or []:
+            totals += item["loss"].cpu()
+        if dist.is_initialized():
+            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+            last = parallel_state.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+        loss_sum, tokens = totals.tolist()
+        return loss_sum / max(tokens, 1.0), tokens
+
+    def _run_schedule(self, batches: Iterator[dict[str, torch.Tensor]], count: int, forward_only: bool) -> list[dict[str, torch.Tensor]]:
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=batches,
+            model=[self.ddp],
+            num_microbatches=count,
+            seq_length=self.config.data.max_seq_len,
+            micro_batch_size=self.config.trainer.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_totals = [0.0, 0.0]
+
+    def validation_step(self, dataloader_iter: Iterator[Any]) -> None:
+        batch, _, _ = next(dataloader_iter)
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        loss, tokens = self._global_loss(self._run_schedule(iter([batch]), 1, forward_only=True))
+        self._val_totals[0] += loss * tokens
+        self._val_totals[1] += tokens
+
+    def on_validation_epoch_end(self) -> None:
+        loss_sum, tokens = self._val_totals
+        self.log("val/loss", loss_sum / max(tokens, 1.0), rank_zero_only=True, batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))

@@ -1,0 +1,71 @@
+"""A Lightning strategy for megatron-core: it owns process groups and megatron's parallel state,
+leaves gradient synchronisation to megatron's DDP inside the module, and saves one training-state
+file per rank (each rank holds different LoRA shards and optimizer state)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from megatron.core import parallel_state
+
+from lora_trainer.errors import CheckpointError
+from lora_trainer.parallel.config import ParallelConfig
+from lora_trainer.parallel.state import initialize_parallel
+
+STATE_FILE = "rank-{rank:05d}.pt"
+
+
+class MegatronStrategy(DDPStrategy):
+    def __init__(self, parallel: ParallelConfig, seed: int, **kwargs: Any) -> None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        super().__init__(process_group_backend=backend, **kwargs)
+        self.parallel = parallel
+        self.seed = seed
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if not parallel_state.model_parallel_is_initialized():
+            initialize_parallel(self.parallel, seed=self.seed)
+
+    def configure_ddp(self) -> None:
+        """Megatron's DDP wraps the model inside the module; no torch DDP on top."""
+
+    def _layout(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "parallel": asdict(self.parallel)}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
+        """Every rank writes its own file into the directory `filepath` (temp file + rename)."""
+        directory = Path(filepath)
+        directory.mkdir(parents=True, exist_ok=True)
+        checkpoint = dict(checkpoint, parallel_layout=self._layout())
+        target = directory / STATE_FILE.format(rank=self.global_rank)
+        partial = target.with_suffix(".partial")
+        torch.save(checkpoint, partial)
+        os.replace(partial, target)
+
+    def load_checkpoint(self, checkpoint_path: str | Path) -> dict[str, Any]:
+        path = Path(checkpoint_path) / STATE_FILE.format(rank=self.global_rank)
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} is missing: the checkpoint {checkpoint_path} was not saved by a run with "
+                f"{self.world_size} ranks, or it is incomplete; resume from another step"
+            )
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise CheckpointError(f"{path} cannot be read ({exc}); resume from another step") from exc
+        saved, now = checkpoint.get("parallel_layout"), self._layout()
+        if saved != now:
+            raise CheckpointError(
+                f"{checkpoint_path} was saved with layout {saved}, this run is {now}; resume with "
+                "the same trainer.devices and parallel.* settings"
+            )
+        return checkpoint
+
+    def remove_checkpoint(self, filepath: str | Path) -> None:
+        """Saves are pruned by the checkpoint callback, never by Lightning."""
