@@ -19,3 +19,7 @@ class ExportError(LoraTrainerError):
 
 class DataError(LoraTrainerError):
     """A dataset file, sample, tokenizer or data setting that cannot be used for training."""
+
+
+class ConfigError(LoraTrainerError):
+    """A run configuration value that is missing, out of range or inconsistent with the others."""

@@ -1,0 +1,279 @@
+"""Check a whole `TrainConfig` in the launching process, before any rank starts.
+
+`validate_config` raises a `LoraTrainerError` subclass naming the offending key and the fix
+(`ConfigError`, `ParallelConfigError`, `LoraConfigError`, `CheckpointError`, `DataError`), builds
+the tiny model when the config asks for it, reads the data files through, and returns the
+`ResolvedRun` that every rank trains with. `resolve_run` computes the same `ResolvedRun` without
+building or reading data, for the local ranks Lightning relaunches after validation passed.
+
+Save layout under `output_dir` (what `resume` refers to; `lora_trainer.training.checkpoints`)::
+
+    OUT/checkpoints/step-N/
+        training_state/        the training checkpoint: adapter, optimizer, loop and data state
+        hf_adapter/            the PEFT adapter (export.adapter)
+        hf_merged/             the merged Hugging Face checkpoint (export.merged)
+        export_manifest.json   what was exported, from which base; see `lora_trainer.export.manifest`
+
+A save is complete (`is_complete_save`) when it is named `step-N` and holds `training_state/` and
+`export_manifest.json`. `resume=latest` picks the complete save with the highest N, or starts
+fresh when there is none; `resume=<path>` must name a complete save.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import get_args
+
+from lora_trainer.data.jsonl import read_jsonl
+from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
+from lora_trainer.errors import CheckpointError, ConfigError, DataError, ParallelConfigError
+from lora_trainer.export.peft_adapter import Profile
+from lora_trainer.lora.config import LoraConfig
+from lora_trainer.parallel.config import ParallelConfig
+from lora_trainer.qwen35.parallel_fit import check_parallel_fits
+from lora_trainer.qwen35.spec import Qwen35Spec
+from lora_trainer.qwen35.tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
+from lora_trainer.training.checkpoints import (
+    MANIFEST,
+    TRAINING_STATE,
+    complete_saves,
+    is_complete_save,
+    save_dir_name,
+)
+from lora_trainer.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ResolvedRun", "is_complete_save", "resolve_run", "validate_config"]
+
+CHECKPOINTS_DIR = "checkpoints"
+RESUME_LATEST = "latest"
+EXPORT_PROFILES: tuple[str, ...] = get_args(Profile)
+LOGGER_KINDS = ("wandb", "none")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """What the configuration resolves to: the facts every rank needs, all paths absolute.
+
+    - `hf_path`: the base checkpoint directory (the tiny one, built, when `model.hf_path` is null);
+    - `spec`: its `Qwen35Spec`; `parallel`, `lora`: the validated parallel and LoRA settings;
+    - `world_size` = trainer.devices * trainer.num_nodes; `dp_size` = world / (tp * pp);
+      `expert_dp_size` = world / (etp * ep * pp);
+    - `num_microbatches` = global_batch_size / (micro_batch_size * dp_size) per optimizer step;
+    - `train_path`, `val_path`: the data files (the shipped tiny dataset when data.train_path is null);
+    - `output_dir`; `resume_path`: the complete save to resume from, or None to start fresh.
+    """
+
+    hf_path: Path
+    spec: Qwen35Spec
+    parallel: ParallelConfig
+    lora: LoraConfig
+    world_size: int
+    dp_size: int
+    expert_dp_size: int
+    num_microbatches: int
+    train_path: Path
+    val_path: Path | None
+    output_dir: Path
+    resume_path: Path | None
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """`output_dir/checkpoints`, the parent of every `step-N` save."""
+        return self.output_dir / CHECKPOINTS_DIR
+
+    def save_dir(self, step: int) -> Path:
+        """`output_dir/checkpoints/step-{step}`, the save of optimizer step `step`."""
+        return self.checkpoints_dir / save_dir_name(step)
+
+
+def validate_config(config: TrainConfig) -> ResolvedRun:
+    """Check everything checkable before ranks start; build the tiny model if it is used."""
+    run = _resolve(config, build_tiny=True)
+    _check_data("data.train_path", run.train_path)
+    if run.val_path is not None:
+        _check_data("data.val_path", run.val_path)
+    return run
+
+
+def resolve_run(config: TrainConfig) -> ResolvedRun:
+    """The `ResolvedRun` of an already validated config, without building or reading data."""
+    return _resolve(config, build_tiny=False)
+
+
+def _resolve(config: TrainConfig, build_tiny: bool) -> ResolvedRun:
+    _check_settings(config)
+    lora = LoraConfig(
+        r=config.lora.r,
+        alpha=config.lora.alpha,
+        rslora=config.lora.rslora,
+        dropout=config.lora.dropout,
+        targets=tuple(config.lora.targets),
+        style=config.lora.style,  # type: ignore[arg-type]
+        seed=config.lora.seed,
+    )
+    hf_path = _model_dir(config, build_tiny)
+    spec = _spec(hf_path)
+    lora.check_model(spec.is_moe)
+    parallel, world = _parallel(config, spec)
+    dp = parallel.dp_size(world)
+    num_microbatches = _num_microbatches(config, dp)
+    output_dir = Path(config.output_dir).expanduser().absolute()
+    return ResolvedRun(
+        hf_path=hf_path,
+        spec=spec,
+        parallel=parallel,
+        lora=lora,
+        world_size=world,
+        dp_size=dp,
+        expert_dp_size=parallel.expert_dp_size(world),
+        num_microbatches=num_microbatches,
+        train_path=_data_path(config.data.train_path) or TINY_SFT_PATH,
+        val_path=_data_path(config.data.val_path),
+        output_dir=output_dir,
+        resume_path=_resume_path(config.resume, output_dir),
+    )
+
+
+def _check_settings(config: TrainConfig) -> None:
+    """Checks on single values and value pairs that need no files."""
+    positive = {
+        "trainer.devices": config.trainer.devices,
+        "trainer.num_nodes": config.trainer.num_nodes,
+        "trainer.max_steps": config.trainer.max_steps,
+        "trainer.global_batch_size": config.trainer.global_batch_size,
+        "trainer.micro_batch_size": config.trainer.micro_batch_size,
+        "data.max_seq_len": config.data.max_seq_len,
+        "checkpoint.every_n_steps": config.checkpoint.every_n_steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if config.export.profile not in EXPORT_PROFILES:
+        raise ConfigError(
+            f"export.profile={config.export.profile!r} is unknown; use one of {', '.join(EXPORT_PROFILES)} "
+            "(peft: packed routed-expert layout that peft and vLLM load; per_expert: 2D keys per expert)"
+        )
+    if config.logger.kind not in LOGGER_KINDS:
+        raise ConfigError(
+            f"logger.kind={config.logger.kind!r} is unknown; use logger=wandb or logger=none"
+        )
+    tp, sp, seq = config.parallel.tp, config.parallel.sp, config.data.max_seq_len
+    if sp and tp > 1 and seq % tp:
+        raise ConfigError(
+            f"data.max_seq_len={seq} is not divisible by parallel.tp={tp}; sequence parallelism "
+            f"(parallel.sp=true) splits each sequence over the tp ranks: use data.max_seq_len="
+            f"{seq - seq % tp or tp} or {seq + tp - seq % tp}"
+        )
+
+
+def _model_dir(config: TrainConfig, build_tiny: bool) -> Path:
+    model = config.model
+    if model.hf_path is not None:
+        return Path(model.hf_path).expanduser().absolute()
+    if model.tiny is None:
+        raise ConfigError(
+            "model.hf_path is not set and model.tiny is null: set model.hf_path=/path/to/checkpoint "
+            "(a local Hugging Face Qwen3.5 directory), or model=tiny_moe / model=tiny_dense"
+        )
+    if build_tiny:
+        return ensure_tiny_checkpoint(model.tiny, model.tiny_cache_dir)  # type: ignore[arg-type]
+    path = tiny_checkpoint_path(model.tiny, model.tiny_cache_dir)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"the tiny model {path} (model.tiny={model.tiny}) has not been built; the launching "
+            "process builds it: start the run with `python train.py`, not as a single rank"
+        )
+    return path
+
+
+def _spec(hf_path: Path) -> Qwen35Spec:
+    try:
+        spec = Qwen35Spec.from_hf_dir(hf_path)
+    except CheckpointError as err:
+        raise CheckpointError(f"model.hf_path={hf_path}: {err}") from err
+    if not any((hf_path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"model.hf_path={hf_path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); copy the "
+            "tokenizer files of the model into it"
+        )
+    return spec
+
+
+def _parallel(config: TrainConfig, spec: Qwen35Spec) -> tuple[ParallelConfig, int]:
+    section, trainer = config.parallel, config.trainer
+    parallel = ParallelConfig(
+        tp=section.tp, pp=section.pp, ep=section.ep, etp=section.etp, sp=section.sp
+    )
+    world = trainer.devices * trainer.num_nodes
+    model_parallel = parallel.tp * parallel.pp
+    if parallel.tp >= 1 and parallel.pp >= 1 and world % model_parallel:
+        raise ParallelConfigError(
+            f"trainer.devices * trainer.num_nodes = {trainer.devices} * {trainer.num_nodes} = {world} "
+            f"ranks is not parallel.tp * parallel.pp = {parallel.tp} * {parallel.pp} = "
+            f"{model_parallel} times a whole data-parallel size (dp would be {world}/{model_parallel}); "
+            f"use a multiple of {model_parallel} ranks ({model_parallel} for dp=1, "
+            f"{2 * model_parallel} for dp=2) or other parallel.tp / parallel.pp"
+        )
+    try:
+        parallel.validate(world)
+    except ParallelConfigError as err:
+        raise ParallelConfigError(
+            f"parallel.* does not fit trainer.devices * trainer.num_nodes = {world} ranks: {err}"
+        ) from err
+    check_parallel_fits(spec, parallel)
+    return parallel, world
+
+
+def _num_microbatches(config: TrainConfig, dp: int) -> int:
+    global_batch, micro = config.trainer.global_batch_size, config.trainer.micro_batch_size
+    per_step = micro * dp
+    if global_batch % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={global_batch} is not divisible by trainer.micro_batch_size "
+            f"* dp = {micro} * {dp} = {per_step}; use a multiple of {per_step} (trainer.global_batch_size="
+            f"{(global_batch // per_step + 1) * per_step}) or another trainer.micro_batch_size"
+        )
+    return global_batch // per_step
+
+
+def _data_path(path: str | None) -> Path | None:
+    return None if path is None else Path(path).expanduser().absolute()
+
+
+def _check_data(key: str, path: Path) -> None:
+    try:
+        read_jsonl(path)
+    except DataError as err:
+        raise DataError(f"{key}: {err}") from err
+
+
+def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == RESUME_LATEST:
+        saves = complete_saves(output_dir / CHECKPOINTS_DIR)
+        latest = saves[-1] if saves else None
+        if latest is None:
+            log.info(
+                "resume=latest: no complete save under %s, starting fresh", output_dir / CHECKPOINTS_DIR
+            )
+        else:
+            log.info("resume=latest: resuming from %s", latest)
+        return latest
+    path = Path(resume).expanduser().absolute()
+    if not path.is_dir():
+        raise CheckpointError(
+            f"resume={resume}: {path} is not a directory; pass a save directory "
+            f"(output_dir/{CHECKPOINTS_DIR}/step-N), resume=latest or resume=null"
+        )
+    if not is_complete_save(path):
+        raise CheckpointError(
+            f"resume={resume}: {path} is not a complete save (a step-N directory holding "
+            f"{TRAINING_STATE}/ and {MANIFEST}); pass a complete save or resume=latest"
+        )
+    return path

@@ -1,0 +1,31 @@
+"""Train LoRA adapters on Qwen3.5: `python train.py [key=value ...]` (keys: README.md, conf/)."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.training.hydra_schema import register_schema, to_train_config
+from lora_trainer.training.launch import is_relaunched_rank
+from lora_trainer.training.validate import resolve_run, validate_config
+
+register_schema()
+
+
+@hydra.main(config_path="conf", config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Validate (in the process the user started; relaunched ranks only resolve), then train."""
+    try:
+        config = to_train_config(cfg)
+        resolved = resolve_run(config) if is_relaunched_rank() else validate_config(config)
+    except LoraTrainerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    from lora_trainer.training.app import train
+
+    train(config, resolved)
+
+
+if __name__ == "__main__":
+    main()
