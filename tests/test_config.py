@@ -189,6 +189,7 @@ ERROR_CASES: list[tuple[list[str], type[LoraTrainerError], str]] = [
     (["trainer.global_batch_size=6"], ConfigError, "trainer.global_batch_size"),
     (["export.profile=packed"], ConfigError, "export.profile"),
     (["logger.kind=tensorboard"], ConfigError, "logger.kind"),
+    (["model.dtype=fp8"], ConfigError, "model.dtype"),
     (["lora.r=0"], LoraConfigError, "lora.r"),
     (["lora.targets=[router]"], LoraConfigError, "lora.targets"),
     (["lora.style=split"], LoraConfigError, "lora.style"),

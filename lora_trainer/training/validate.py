@@ -52,6 +52,7 @@ CHECKPOINTS_DIR = "checkpoints"
 RESUME_LATEST = "latest"
 EXPORT_PROFILES: tuple[str, ...] = get_args(Profile)
 LOGGER_KINDS = ("wandb", "none")
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -157,6 +158,11 @@ def _check_settings(config: TrainConfig) -> None:
         raise ConfigError(
             f"export.profile={config.export.profile!r} is unknown; use one of {', '.join(EXPORT_PROFILES)} "
             "(peft: packed routed-expert layout that peft and vLLM load; per_expert: 2D keys per expert)"
+        )
+    if config.model.dtype not in MODEL_DTYPES:
+        raise ConfigError(
+            f"model.dtype={config.model.dtype!r} is unknown; use one of {', '.join(MODEL_DTYPES)} "
+            "(auto: bfloat16 on GPU, float32 on CPU)"
         )
     if config.logger.kind not in LOGGER_KINDS:
         raise ConfigError(
