@@ -18,24 +18,34 @@ from tests.parity_runner import forward_backward
 
 
 def random_full_factors(adapter: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full (unsharded) random factors for one adapter, the same at every parallel layout."""
+    """Full (unsharded) random factors for one adapter, the same at every parallel layout. The
+    canonical style's per-target adapters share one A, so fused and canonical encode one delta."""
     generator = torch.Generator().manual_seed(seed + zlib.crc32(adapter.name.encode()))
     full_in = adapter.lora_A.shape[2] if adapter.kind == "column" else sum(s.size for s in adapter.spans)
     full_out = sum(s.size for s in adapter.spans) if adapter.kind == "column" else adapter.lora_B[0].shape[0]
-    a = torch.randn(adapter.adapters, adapter.r, full_in, generator=generator) / full_in**0.5
-    b = torch.randn(full_out, adapter.r, generator=generator) / adapter.r**0.5
+    a = (torch.randn(1, adapter.r, full_in, generator=generator) / full_in**0.5).expand(adapter.adapters, -1, -1)
+    b = 0.2 * torch.randn(full_out, adapter.r, generator=generator) / adapter.r**0.5
     return a, b
 
 
 def _finalize_grads(model: Any) -> None:
-    """Sum the gradients of factors that saw only a sequence shard (megatron's DDP does this in
-    training through finalize_model_grads)."""
+    """What megatron's DDP + finalize_model_grads do in training, for a batch that every data
+    parallel replica shares. Factors that saw only a sequence shard are summed over TP. Routed
+    expert factors are summed over the expert-data-parallel group (the TP ranks whose token shards
+    reach the same experts); their tokens also arrive from every data-parallel replica through the
+    token dispatcher, so, as with the token-weighted loss in training, they are divided by the
+    data-parallel size."""
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return
+    dp_size = parallel_state.get_data_parallel_world_size()
     for param in model.parameters():
-        if param.grad is not None and getattr(param, "sequence_parallel", False):
+        if param.grad is None:
+            continue
+        if not getattr(param, "allreduce", True):
+            if parallel_state.get_expert_data_parallel_world_size() > 1:
+                dist.all_reduce(param.grad, group=parallel_state.get_expert_data_parallel_group())
+            param.grad /= dp_size
+        elif getattr(param, "sequence_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
 
 

@@ -14,30 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.checkpoints import KIND_DENSE, KIND_MOE, KIND_MOE_VL, build_hf_model, fixed_batch, load_hf_model, save_checkpoint
+from tests.checkpoints import KIND_DENSE, KIND_MOE, KIND_MOE_VL, load_hf_model
+from tests.layouts import LAYOUTS
 from tests.multirank import run_multirank
 from tests.parity_runner import logit_weights, run_parity
 
 LOGIT_TOL = 1e-4
 GRAD_TOL = 1e-5
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("parity")
-    paths = {
-        KIND_DENSE: save_checkpoint(build_hf_model(KIND_DENSE), root / KIND_DENSE),
-        KIND_MOE: save_checkpoint(build_hf_model(KIND_MOE), root / KIND_MOE),
-        KIND_MOE_VL: save_checkpoint(
-            build_hf_model(KIND_MOE_VL), root / KIND_MOE_VL, packed_experts=True, with_mtp=True
-        ),
-    }
-    return {kind: str(path) for kind, path in paths.items()}
-
-
-@pytest.fixture(scope="session")
-def input_ids() -> torch.Tensor:
-    return fixed_batch(vocab_size=256, batch=2, seq=24)
 
 
 @pytest.fixture(scope="session")
@@ -75,15 +58,6 @@ def test_tp1_matches_transformers(kind: str, single_rank: dict, reference: dict,
     assert sorted(hf_state) == sorted(on_disk)
     for name, tensor in on_disk.items():
         assert torch.equal(hf_state[name], tensor), name
-
-
-LAYOUTS = {
-    "tp2": (2, dict(tp=2), (KIND_DENSE,)),
-    "tp2_sp": (2, dict(tp=2, sp=True), (KIND_DENSE, KIND_MOE, KIND_MOE_VL)),
-    "ep2": (2, dict(ep=2), (KIND_MOE, KIND_MOE_VL)),
-    "pp2": (2, dict(pp=2), (KIND_DENSE, KIND_MOE_VL)),
-    "tp2_ep2": (4, dict(tp=2, ep=2, sp=True), (KIND_MOE, KIND_MOE_VL)),
-}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -7,11 +7,19 @@ import logging
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from lora_trainer.bridge.loader import model_mapping
+from lora_trainer.bridge.transforms import Transform
 from lora_trainer.lora.config import LoraConfig
 from lora_trainer.lora.layers import LoraLinear
 from lora_trainer.qwen35.model import Qwen35Model
 
 log = logging.getLogger(__name__)
+
+
+def adapter_identity(transform: Transform) -> str:
+    """A name for an adapter that does not depend on the parallel layout (megatron's local expert
+    index does): its first HF target, with the global expert index for routed experts."""
+    ref = transform.blocks()[0].ref
+    return ref.name if ref.expert is None else f"{ref.name}[{ref.expert}]"
 
 
 def inject_lora(model: Qwen35Model, config: LoraConfig) -> list[LoraLinear]:
@@ -33,7 +41,7 @@ def inject_lora(model: Qwen35Model, config: LoraConfig) -> list[LoraLinear]:
             continue
         adapter = LoraLinear(
             base,
-            name=module_name,
+            name=adapter_identity(mapping.transform),
             kind="column" if isinstance(base, ColumnParallelLinear) else "row",
             transform=mapping.transform,
             group=mapping.group,

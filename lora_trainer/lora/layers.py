@@ -43,7 +43,8 @@ def seeded_kaiming(shape: tuple[int, ...], seed: int, name: str) -> torch.Tensor
 
 class LoraLinear(nn.Module):
     """`base(x) + scale * B @ A x` for one megatron linear, with one adapter per target in the
-    canonical style or one over the whole fused weight in the fused style."""
+    canonical style or one over the whole fused weight in the fused style. `name` identifies the
+    adapter independently of the parallel layout and keys its initialisation."""
 
     def __init__(
         self,

@@ -1,0 +1,121 @@
+"""LoRA on the parallel model against transformers + PEFT, and every layout against TP=1.
+
+Every adapter gets the same full random factors (non-zero B) at every layout. The gathered HF
+adapter is written with the PEFT writer and loaded with `PeftModel.from_pretrained` onto the base
+checkpoint's own class: no missing or unexpected keys, and its logits equal ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.export.hf_lora import HFAdapter
+from lora_trainer.export.peft_adapter import write_peft_adapter
+from lora_trainer.lora.config import LoraConfig, LoraConfigError
+from tests.checkpoints import KIND_DENSE, KIND_MOE, KIND_MOE_VL, load_hf_model
+from tests.layouts import LAYOUTS
+from tests.lora_runner import run_lora
+from tests.multirank import run_multirank
+from tests.test_peft_adapter import assert_fully_consumed, load_peft
+
+LOGIT_TOL = 1e-4
+GRAD_TOL = 1e-5
+KINDS = (KIND_DENSE, KIND_MOE, KIND_MOE_VL)
+
+
+@pytest.fixture(scope="session")
+def fused_single(checkpoints: dict[str, str], input_ids: torch.Tensor) -> dict:
+    return run_multirank(run_lora, 1, {}, checkpoints, input_ids, {"r": 4, "alpha": 8.0})[0]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _adapter_tensors(adapter: HFAdapter) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, weights in {**adapter.linears, **adapter.experts}.items():
+        out[f"{name}.a"], out[f"{name}.b"] = weights.a, weights.b
+    return out
+
+
+def _peft_logits(path: str, adapter: HFAdapter, directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    write_peft_adapter(adapter, directory)
+    model = load_peft(load_hf_model(Path(path)), directory)
+    assert_fully_consumed(model, directory)
+    model.set_adapter("default")
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp1_adapter_loads_in_peft_with_our_logits(
+    kind: str, fused_single: dict, checkpoints: dict, input_ids: torch.Tensor, tmp_path: Path
+) -> None:
+    ours = fused_single[kind]
+    adapter: HFAdapter = ours["adapter"]
+    assert all(w.b.abs().sum() > 0 for w in {**adapter.linears, **adapter.experts}.values())
+    peft_logits = _peft_logits(checkpoints[kind], adapter, tmp_path, input_ids)
+    assert _max_diff(peft_logits, ours["logits"]) <= LOGIT_TOL
+    with torch.no_grad():
+        base_logits = load_hf_model(Path(checkpoints[kind]))(input_ids=input_ids).logits
+    assert _max_diff(base_logits, ours["logits"]) > 0.1
+
+
+def test_canonical_and_fused_give_the_same_logits_for_the_same_delta(
+    fused_single: dict, checkpoints: dict, input_ids: torch.Tensor
+) -> None:
+    lora = {"r": 4, "alpha": 8.0, "style": "canonical"}
+    canonical = run_multirank(run_lora, 1, {}, checkpoints, input_ids, lora)[0]
+    for kind in KINDS:
+        assert _max_diff(canonical[kind]["logits"], fused_single[kind]["logits"]) <= 1e-5, kind
+        fused_tensors = _adapter_tensors(fused_single[kind]["adapter"])
+        canonical_tensors = _adapter_tensors(canonical[kind]["adapter"])
+        assert sorted(fused_tensors) == sorted(canonical_tensors)
+        for name, tensor in fused_tensors.items():
+            assert torch.equal(canonical_tensors[name], tensor), f"{kind}: {name}"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layout_matches_single_rank_and_peft(
+    layout: str, fused_single: dict, checkpoints: dict, input_ids: torch.Tensor, tmp_path: Path
+) -> None:
+    world, parallel, kinds = LAYOUTS[layout]
+    lora = {"r": 4, "alpha": 8.0}
+    results = run_multirank(run_lora, world, parallel, {k: checkpoints[k] for k in kinds}, input_ids, lora)[0]
+    for kind in kinds:
+        ours, single = results[kind], fused_single[kind]
+        adapter_tensors, single_tensors = _adapter_tensors(ours["adapter"]), _adapter_tensors(single["adapter"])
+        assert sorted(adapter_tensors) == sorted(single_tensors), kind
+        for name, tensor in single_tensors.items():
+            assert torch.equal(adapter_tensors[name], tensor), f"{kind}: {name}"
+        grads, single_grads = _adapter_tensors(ours["grads"]), _adapter_tensors(single["grads"])
+        for name, grad in single_grads.items():
+            assert grad.abs().sum() > 0, f"{kind}: {name} has no gradient"
+            assert _max_diff(grads[name], grad) <= GRAD_TOL, f"{kind}: {name}"
+        (tmp_path / kind).mkdir()
+        peft_logits = _peft_logits(checkpoints[kind], ours["adapter"], tmp_path / kind, input_ids)
+        assert _max_diff(peft_logits, ours["logits"]) <= LOGIT_TOL, kind
+
+
+def test_router_target_is_refused() -> None:
+    with pytest.raises(LoraConfigError, match="router"):
+        LoraConfig(targets=("linear_qkv", "router"))
+
+
+def test_dropout_on_routed_experts_is_refused_but_allowed_on_dense() -> None:
+    config = LoraConfig(dropout=0.1)
+    with pytest.raises(LoraConfigError, match="dropout"):
+        config.check_model(is_moe=True)
+    config.check_model(is_moe=False)
+    LoraConfig(dropout=0.1, targets=("linear_qkv", "in_proj")).check_model(is_moe=True)
+
+
+def test_unknown_target_and_bad_rank_are_refused() -> None:
+    with pytest.raises(LoraConfigError, match="q_proj"):
+        LoraConfig(targets=("q_proj",))
+    with pytest.raises(LoraConfigError, match="lora.r"):
+        LoraConfig(r=0)
