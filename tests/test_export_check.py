@@ -1,0 +1,124 @@
+"""The export check and the manifest: a good export passes and is described exactly; an adapter
+with a renamed key, or a merged checkpoint with a corrupted tensor, fails with a clear message."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_trainer.export.check import check_export
+from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
+from lora_trainer.export.hf_lora import HFAdapter
+from lora_trainer.export.manifest import LIBRARIES, MANIFEST_FILE, MODULE_KINDS
+from lora_trainer.export.peft_adapter import WEIGHTS_FILE
+from tests.checkpoints import KIND_MOE_VL, fixed_batch, load_hf_model
+from tests.export_fixtures import make_base
+
+STEP = 42
+BATCH = fixed_batch(256)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: the tiny forwards are much slower when threads contend for shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, HFAdapter, dict[str, Any]]:
+    """A packed MoE-VL base with MTP, exported with the check (float64 forward, see check_export)."""
+    root = tmp_path_factory.mktemp("check")
+    base_dir, adapter = make_base(KIND_MOE_VL, root / "base", packed_experts=True, with_mtp=True)
+    manifest = export_hf(
+        adapter, base_dir, root / "save", step=STEP, check_input_ids=BATCH, check_dtype=torch.float64, progress=False
+    )
+    return base_dir, root / "save", adapter, manifest
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_good_export_passes_and_manifest_describes_it(exported: tuple) -> None:
+    base_dir, save_dir, adapter, manifest = exported
+    on_disk = json.loads((save_dir / MANIFEST_FILE).read_text())
+
+    assert on_disk == manifest
+    assert manifest["check"]["passed"] is True, manifest["check"]["message"]
+    assert manifest["check"]["max_abs_diff_adapter_vs_merged"] <= 1e-4
+    assert manifest["check"]["missing_keys"] == manifest["check"]["unexpected_keys"] == []
+    assert manifest["step"] == STEP and manifest["profile"] == "peft"
+    assert manifest["base"] == {"path": str(base_dir.resolve()), "config_sha256": sha256(base_dir / "config.json")}
+    assert set(manifest["versions"]) == set(LIBRARIES)
+    assert all(manifest["versions"][name] for name in ("torch", "transformers", "peft", "safetensors"))
+    for directory in (ADAPTER_DIR, MERGED_DIR):
+        files = sorted(p for p in (save_dir / directory).iterdir())
+        assert manifest["files"][directory] == {p.name: sha256(p) for p in files}
+        assert manifest["sizes_bytes"][directory] == sum(p.stat().st_size for p in files)
+    # 2 attention layers x q/k/v/o, 2 GDN layers x in_proj_qkv/z/b/a + out_proj, 4 layers x shared
+    # expert gate/up/down, 4 layers x packed gate_up/down
+    counts = {"attention": 8, "gdn": 10, "mlp": 0, "shared_expert": 12, "routed_experts": 8, "other": 0}
+    assert manifest["adapter"]["modules"] == counts and list(counts) == list(MODULE_KINDS)
+    assert manifest["adapter"]["nonzero_lora_B"] == 38
+    assert manifest["adapter"]["scale"] == adapter.scale
+
+
+def test_reference_logits_are_compared(exported: tuple) -> None:
+    """Logits of the base without the adapter as `reference_logits`: only that comparison fails."""
+    base_dir, save_dir, _, _ = exported
+    with torch.no_grad():
+        unadapted = load_hf_model(base_dir)(BATCH).logits
+
+    result = check_export(
+        base_dir, save_dir / ADAPTER_DIR, save_dir / MERGED_DIR, BATCH, reference_logits=unadapted,
+        dtype=torch.float64,
+    )
+
+    assert not result.passed
+    assert result.max_abs_diff_adapter_vs_merged <= 1e-4
+    assert result.max_abs_diff_reference_vs_merged is not None and result.max_abs_diff_reference_vs_merged > 0.5
+    assert "reference and merged logits differ" in result.message
+    assert "adapter and merged" not in result.message
+
+
+def test_renamed_adapter_key_fails(exported: tuple, tmp_path: Path) -> None:
+    base_dir, save_dir, _, _ = exported
+    adapter_dir = shutil.copytree(save_dir / ADAPTER_DIR, tmp_path / "adapter")
+    tensors = load_file(str(adapter_dir / WEIGHTS_FILE))
+    key = "base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_A.weight"
+    renamed = key.replace("q_proj", "query_proj")
+    tensors[renamed] = tensors.pop(key)
+    save_file(tensors, str(adapter_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    result = check_export(base_dir, adapter_dir, save_dir / MERGED_DIR, BATCH)
+
+    assert not result.passed
+    assert result.unexpected_keys == [renamed]
+    assert result.missing_keys == [key]
+    assert "not consumed by PEFT" in result.message and renamed in result.message
+
+
+def test_corrupted_merged_tensor_fails(exported: tuple, tmp_path: Path) -> None:
+    base_dir, save_dir, _, _ = exported
+    merged_dir = shutil.copytree(save_dir / MERGED_DIR, tmp_path / "merged")
+    tensors = load_file(str(merged_dir / "model.safetensors"))
+    tensors["model.language_model.layers.1.self_attn.o_proj.weight"] += 0.05
+    save_file(tensors, str(merged_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    result = check_export(base_dir, save_dir / ADAPTER_DIR, merged_dir, BATCH)
+
+    assert not result.passed
+    assert result.missing_keys == result.unexpected_keys == result.merged_missing_keys == []
+    assert result.max_abs_diff_adapter_vs_merged > 0.01
+    assert "adapter and merged logits differ" in result.message
