@@ -93,3 +93,32 @@ def run_parity(rank: int, world_size: int, parallel: dict[str, Any], checkpoints
     finally:
         destroy_parallel()
     return results
+
+
+def run_packing(rank: int, world_size: int, parallel: dict[str, Any], checkpoint: str,
+                samples: list[list[int]], seq_len: int) -> dict[str, list[torch.Tensor]]:
+    """Logits of each sample run alone, and of the same samples packed into rows of `seq_len`
+    (position ids restarting and `cu_seqlens` boundaries from the data pipeline's packing)."""
+    from lora_trainer.bridge.build import build_model_from_hf
+    from lora_trainer.data.packing import build_row, collate
+    from lora_trainer.data.tokenize import TokenizedSample
+    from lora_trainer.parallel.config import ParallelConfig
+    from lora_trainer.parallel.state import destroy_parallel, initialize_parallel
+    from lora_trainer.qwen35.model import gather_vocab_logits
+
+    config = ParallelConfig(**parallel)
+    initialize_parallel(config, seed=1234)
+    try:
+        model = build_model_from_hf(Path(checkpoint), config).model
+        with torch.no_grad():
+            alone = [gather_vocab_logits(model(torch.tensor([ids])))[0] for ids in samples]
+            tokenized = [TokenizedSample(input_ids=ids, loss_mask=[1] * len(ids)) for ids in samples]
+            rows = [build_row(tokenized[:2], seq_len, pad_id=0), build_row(tokenized[2:], seq_len, pad_id=0)]
+            batch = collate(rows)
+            packed = gather_vocab_logits(model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"].long()))
+        starts = [0, len(samples[0]), 0] + [sum(len(s) for s in samples[2:i]) for i in range(3, len(samples))]
+        row_of = [0, 0] + [1] * (len(samples) - 2)
+        in_pack = [packed[row, start:start + len(ids)] for row, start, ids in zip(row_of, starts, samples)]
+    finally:
+        destroy_parallel()
+    return {"alone": alone, "packed": in_pack}

@@ -95,16 +95,16 @@ def train(config: TrainConfig, resolved: Any) -> None:
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     saves = complete_saves(Path(config.output_dir) / "checkpoints")
     if trainer.is_global_zero and saves:
-        print(final_message(saves[-1]))
+        print(final_message(saves[-1], Path(resolved.hf_path)))
 
 
-def final_message(save: Path) -> str:
+def final_message(save: Path, base: Path) -> str:
     """Where the exports are and how to load them."""
     return (
         f"\nTraining done. Latest save: {save}\n"
         f"  adapter (PEFT):  {save / 'hf_adapter'}\n"
         f"  merged (HF):     {save / 'hf_merged'}\n"
-        "Load the adapter:  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
-        f"'{save / 'hf_adapter'}')\n"
+        "Load the adapter:  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+        f"'{base}'), '{save / 'hf_adapter'}')\n"
         f"Load merged:       AutoModelForCausalLM.from_pretrained('{save / 'hf_merged'}')\n"
     )

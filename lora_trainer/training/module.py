@@ -3,8 +3,10 @@ per training step through megatron's (pipeline-aware) schedule, and steps AdamW.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -59,6 +61,7 @@ class LoraTrainingModule(pl.LightningModule):
         self.ddp: DistributedDataParallel | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.tokens_seen = 0
+        self._val_totals = [0.0, 0.0]
 
     def configure_model(self) -> None:
         if self.loaded is not None:
@@ -132,16 +135,23 @@ class LoraTrainingModule(pl.LightningModule):
         loss, tokens = self._global_loss(losses)
         self.tokens_seen += int(tokens)
         elapsed = time.perf_counter() - start
-        self.log_dict(
-            {
-                "train/loss": loss,
-                "train/lr": self.scheduler.get_last_lr()[0],
-                "train/grad_norm": norm.item(),
-                "train/tokens_per_s": tokens / elapsed,
-                "train/tokens_seen": float(self.tokens_seen),
-            },
-            prog_bar=True, rank_zero_only=True, batch_size=1,
-        )
+        metrics = {
+            "train/loss": loss,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": norm.item(),
+            "train/tokens_per_s": tokens / elapsed,
+            "train/tokens_seen": float(self.tokens_seen),
+        }
+        self.log_dict(metrics, prog_bar=True, rank_zero_only=True, batch_size=1)
+        if self.trainer.is_global_zero:
+            self._append_metrics(metrics)
+
+    def _append_metrics(self, metrics: dict[str, float]) -> None:
+        """One JSON line per step in `output_dir/train_log.jsonl`, readable without any logger."""
+        path = Path(self.config.output_dir) / "train_log.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as log_file:
+            log_file.write(json.dumps({"step": self.trainer.global_step, **metrics}) + "\n")
 
     def _global_loss(self, losses: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Token-weighted mean loss over the global batch and its trained-token count, on every

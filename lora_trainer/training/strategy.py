@@ -48,7 +48,7 @@ class MegatronStrategy(DDPStrategy):
         torch.save(checkpoint, partial)
         os.replace(partial, target)
 
-    def load_checkpoint(self, checkpoint_path: str | Path) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path) / STATE_FILE.format(rank=self.global_rank)
         if not path.is_file():
             raise CheckpointError(
