@@ -55,7 +55,6 @@ class DataSection:
 
 @dataclass
 class TrainerSection:
-    accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
     max_steps: int = 100

@@ -42,10 +42,10 @@ def lora_config(config: TrainConfig) -> LoraConfig:
 
 
 def params_dtype(name: str) -> torch.dtype:
-    """`auto`: bf16 on GPU, fp32 on CPU."""
+    """`auto`: bf16 on GPU, fp32 on CPU (names checked against MODEL_DTYPES before launch)."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return getattr(torch, name)
 
 
 class LoraTrainingModule(pl.LightningModule):
