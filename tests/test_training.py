@@ -22,13 +22,14 @@ from tests.parity_runner import run_packing
 REPO = Path(__file__).resolve().parent.parent
 TINY_CACHE = REPO / ".cache" / "tiny_models"
 COMMON = [
-    "logger=none", "data.max_seq_len=64", "trainer.global_batch_size=4", "trainer.micro_batch_size=1",
+    "data.max_seq_len=64", "trainer.global_batch_size=4", "trainer.micro_batch_size=1",
     f"model.tiny_cache_dir={TINY_CACHE}",
 ]
 
 
 def train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", WANDB_MODE="offline")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(TORCHDYNAMO_DISABLE="1", HOME=str(output_dir))
     run = subprocess.run(
         [sys.executable, "train.py", f"output_dir={output_dir}", *COMMON, *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
@@ -48,10 +49,13 @@ def adapter_tensors(save: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 steps with TP=2 + SP on 2 ranks, a save every 2 steps, the export check on."""
+    """4 steps with TP=2 + SP on 2 ranks, a save every 2 steps, the export check on, wandb
+    without credentials (so offline)."""
     out = tmp_path_factory.mktemp("straight")
-    train(out, "trainer.max_steps=4", "checkpoint.every_n_steps=2", "parallel.ep=1", "parallel.tp=2",
+    run = train(out, "trainer.max_steps=4", "checkpoint.every_n_steps=2", "parallel.ep=1", "parallel.tp=2",
           "parallel.sp=true", "optim.warmup_steps=3", "optim.min_lr=3e-3", "export.check=true")
+    assert "logging offline" in run.stdout + run.stderr
+    assert list((out / "wandb").glob("offline-run-*"))
     return out
 
 
@@ -76,8 +80,8 @@ def test_two_ranks_train_and_export_loadable_adapter_and_merged(straight_run: Pa
 def test_resume_gives_the_same_adapter_as_a_straight_run(straight_run: Path, tmp_path: Path) -> None:
     args = ["checkpoint.every_n_steps=2", "parallel.ep=1", "parallel.tp=2", "parallel.sp=true",
             "optim.warmup_steps=3", "optim.min_lr=3e-3"]
-    train(tmp_path, "trainer.max_steps=2", *args)
-    train(tmp_path, "trainer.max_steps=4", "resume=latest", *args)
+    train(tmp_path, "trainer.max_steps=2", "logger=none", *args)
+    train(tmp_path, "trainer.max_steps=4", "resume=latest", "logger=none", *args)
     resumed = adapter_tensors(tmp_path / "checkpoints" / "step-4")
     straight = adapter_tensors(straight_run / "checkpoints" / "step-4")
     assert sorted(resumed) == sorted(straight)
