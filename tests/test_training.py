@@ -38,9 +38,9 @@ def train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]
     return run
 
 
-def losses(output_dir: Path) -> list[float]:
-    lines = (output_dir / "train_log.jsonl").read_text().splitlines()
-    return [json.loads(line)["train/loss"] for line in lines]
+def losses(output_dir: Path, key: str = "train/loss") -> list[float]:
+    records = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    return [record[key] for record in records if key in record]
 
 
 def adapter_tensors(save: Path) -> dict[str, torch.Tensor]:
@@ -80,7 +80,8 @@ def test_two_ranks_train_and_export_loadable_adapter_and_merged(straight_run: Pa
 def test_resume_gives_the_same_adapter_as_a_straight_run(straight_run: Path, tmp_path: Path) -> None:
     args = ["checkpoint.every_n_steps=2", "parallel.ep=1", "parallel.tp=2", "parallel.sp=true",
             "optim.warmup_steps=3", "optim.min_lr=3e-3"]
-    train(tmp_path, "trainer.max_steps=2", "logger=none", *args)
+    val = ["data.val_path=lora_trainer/data/assets/tiny_sft.jsonl", "trainer.val_every_n_steps=2"]
+    train(tmp_path, "trainer.max_steps=2", "logger=none", *args, *val)
     train(tmp_path, "trainer.max_steps=4", "resume=latest", "logger=none", *args)
     resumed = adapter_tensors(tmp_path / "checkpoints" / "step-4")
     straight = adapter_tensors(straight_run / "checkpoints" / "step-4")
@@ -88,6 +89,8 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(straight_run: Path, tmp
     for key, tensor in straight.items():
         assert torch.allclose(resumed[key], tensor, atol=1e-6, rtol=0), key
     assert losses(tmp_path)[2:] == pytest.approx(losses(straight_run)[2:], abs=1e-6)
+    validation = losses(tmp_path, "val/loss")
+    assert len(validation) == 1 and 0 < validation[0] < 10
 
 
 @pytest.mark.parametrize("kind", [KIND_DENSE, KIND_MOE_VL])

@@ -189,7 +189,10 @@ class LoraTrainingModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss_sum, tokens = self._val_totals
-        self.log("val/loss", loss_sum / max(tokens, 1.0), rank_zero_only=True, batch_size=1)
+        metrics = {"val/loss": loss_sum / max(tokens, 1.0)}
+        self.log_dict(metrics, rank_zero_only=True, batch_size=1)
+        if self.trainer.is_global_zero:
+            self._append_metrics(metrics)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
