@@ -53,7 +53,7 @@ class CheckpointExportCallback(pl.Callback):
             staging.mkdir(parents=True)
         strategy.barrier("save:staging")
         started = time.perf_counter()
-        trainer.save_checkpoint(staging / "training_state")
+        trainer.save_checkpoint(staging / "training_state", weights_only=False)
         adapter = gather_hf_adapter(module.adapters, module.loaded.spec, lora_config(self.config), str(module.hf_path))
         export = self.config.export
         manifest = export_hf(

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.checkpoint_export import CheckpointExportCallback
+from callbacks.step_progress import StepProgressBar
 from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
 from lora_trainer.training.checkpoints import complete_saves
@@ -80,7 +81,7 @@ def train(config: TrainConfig, resolved: Any) -> None:
         max_steps=config.trainer.max_steps,
         precision="32-true",
         logger=build_logger(config),
-        callbacks=[saver],
+        callbacks=[saver, StepProgressBar()],
         enable_checkpointing=False,
         use_distributed_sampler=False,
         log_every_n_steps=config.trainer.log_every_n_steps,
