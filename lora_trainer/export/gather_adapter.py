@@ -31,7 +31,7 @@ def _unshard(shards: list[torch.Tensor], adapter: LoraLinear, dim: int) -> torch
     full = shards[0].new_zeros(shape)
     for rank, shard in enumerate(shards):
         positions = shard_positions(adapter.transform, rank, len(shards), 0 if dim == 0 else 1)
-        full.index_copy_(dim, positions, shard)
+        full.index_copy_(dim, positions.to(full.device), shard)
     return full
 
 

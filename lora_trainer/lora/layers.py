@@ -74,19 +74,20 @@ class LoraLinear(nn.Module):
         split_dim = 0 if kind == "column" else 1
         self.spans: list[TargetSpan] = target_spans(transform, split_dim)
         positions = shard_positions(transform, rank_in_group, self.group_size, split_dim)
-        self.register_buffer("positions", positions, persistent=False)
+        self.register_buffer("positions", positions.to(base.weight.device), persistent=False)
         self.adapters = len(self.spans) if canonical and kind == "column" else 1
-        dtype = base.weight.dtype
+        device = base.weight.device
         full_in = sum(span.size for span in self.spans) if kind == "row" else base.weight.shape[1]
         a_full = seeded_kaiming((self.adapters, r, full_in), seed, name)
-        self.lora_A = nn.Parameter((a_full if kind == "column" else a_full[:, :, positions]).to(dtype))
+        self.lora_A = nn.Parameter((a_full if kind == "column" else a_full[:, :, positions]).to(device))
         self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(rows, r, dtype=dtype)) for rows in self._local_rows()
+            nn.Parameter(torch.zeros(rows, r, device=device)) for rows in self._local_rows()
         )
         if self.adapters > 1:
             cat_order = torch.cat([self._span_positions(span) for span in self.spans])
             where = {int(p): i for i, p in enumerate(cat_order)}
-            self.register_buffer("perm", torch.tensor([where[int(p)] for p in positions]), persistent=False)
+            perm = torch.tensor([where[int(p)] for p in positions], device=base.weight.device)
+            self.register_buffer("perm", perm, persistent=False)
         self._mark_parallel_attributes()
 
     def _span_positions(self, span: TargetSpan) -> torch.Tensor:
@@ -128,12 +129,13 @@ class LoraLinear(nn.Module):
         return reduce_from_tensor_model_parallel_region(h, group=group)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """scale * B @ A x for this rank's part of the output."""
-        h = F.linear(self.dropout(x), self.lora_A.reshape(self.adapters * self.r, -1))
+        """scale * B @ A x for this rank's part of the output, computed in x's dtype (the factors
+        are kept in fp32 and cast on use, so bf16 training keeps fp32 master factors)."""
+        h = F.linear(self.dropout(x), self.lora_A.reshape(self.adapters * self.r, -1).to(x.dtype))
         h = self._communicate(h)
         if self.adapters == 1:
-            return self.scale * F.linear(h, self.lora_B[0])
-        parts = [F.linear(h_i, b) for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B)]
+            return self.scale * F.linear(h, self.lora_B[0].to(h.dtype))
+        parts = [F.linear(h_i, b.to(h.dtype)) for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B)]
         return self.scale * torch.cat(parts, dim=-1)[..., self.perm]
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -149,6 +151,7 @@ class LoraLinear(nn.Module):
     def set_full(self, a_full: torch.Tensor, b_full: torch.Tensor) -> None:
         """Set factors from full, unsharded ones: a_full [adapters, r, in], b_full [out, r] with
         rows in target-concatenation order. The inverse of the export's gather."""
+        a_full, b_full = a_full.to(self.lora_A.device), b_full.to(self.lora_A.device)
         with torch.no_grad():
             a_local = a_full if self.kind == "column" else a_full[:, :, self.positions]
             self.lora_A.copy_(a_local)

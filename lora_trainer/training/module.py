@@ -68,9 +68,6 @@ class LoraTrainingModule(pl.LightningModule):
             return
         self.loaded = build_model_from_hf(self.hf_path, parallel_config(self.config), params_dtype(self.config.model.dtype))
         self.adapters = inject_lora(self.loaded.model, lora_config(self.config))
-        for adapter in self.adapters:
-            for param in [adapter.lora_A, *adapter.lora_B]:
-                param.data = param.data.float()
         model_config = self.loaded.model.config
         model_config.calculate_per_token_loss = True
         model_config.finalize_model_grads_func = finalize_model_grads
