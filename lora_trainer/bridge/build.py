@@ -34,5 +34,7 @@ def build_model_from_hf(
     spec = Qwen35Spec.from_hf_dir(hf_path)
     check_parallel_fits(spec, parallel)
     model = Qwen35Model(spec, build_transformer_config(spec, parallel, params_dtype))
+    if torch.cuda.is_available():
+        model.to(device=torch.cuda.current_device(), dtype=params_dtype)
     layout = load_hf_checkpoint(model, hf_path)
     return LoadedModel(model, spec, layout, hf_path)
