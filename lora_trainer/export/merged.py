@@ -20,7 +20,8 @@ renaming it is the caller's job (`hf_export`).
 The tile loop runs on one torch intra-op thread (`MERGE_THREADS`): its many small ops lose far
 more to thread-pool synchronisation than they gain once the cores are shared (by the other ranks
 on the node, or anything else): measured 10-20x slower with 2 threads on 2 busy cores.
-Parallelism comes from spreading the shards over the ranks.
+Parallelism comes from spreading the shards over the ranks, and within a rank from merging
+`SHARD_WORKERS` shards at once, so that one shard's file I/O overlaps another's arithmetic.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,9 @@ from lora_trainer.export.peft_adapter import PER_EXPERT_MODULES
 BLOCK_BYTES = 32 * 2**20
 TILE_BYTES = 2 * 2**20
 MERGE_THREADS = 1
+# Shards merged at once, each by its own thread with its own buffers: one thread's file I/O
+# overlaps another's arithmetic (torch and os calls release the GIL).
+SHARD_WORKERS = 2
 # Largest single transfer handed to sendfile / write.
 _COPY_CHUNK = 2**30
 # safetensors dtype names a delta can be added to (quantized weights would need their scales).
@@ -126,13 +131,15 @@ def write_merged_checkpoint(
     mine = shard_paths[rank::world_size]
     written: list[Path] = []
     total = sum(path.stat().st_size for path in mine)
-    buffers = _Buffers()
     with _intra_op_threads(MERGE_THREADS), tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merged export",
         disable=not (progress and rank == 0),
-    ) as bar:
-        for path in mine:
-            written.append(_merge_shard(path, layouts[path], out_dir / path.name, deltas, buffers, bar))
+    ) as bar, ThreadPoolExecutor(SHARD_WORKERS) as pool:
+        jobs = [
+            pool.submit(_merge_shard, path, layouts[path], out_dir / path.name, deltas, _Buffers(), bar)
+            for path in mine
+        ]
+        written.extend(job.result() for job in jobs)
     if rank == 0:
         written.extend(_copy_non_weight_files(base_dir, out_dir, sharded=shard_paths[0].name != SINGLE_FILE))
     return written
