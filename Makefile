@@ -23,7 +23,9 @@ test: $(STAMP)
 	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/model_speed.py
+	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/kernel_speed.py
+	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/model_speed.py --threads 1
+	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/export_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
