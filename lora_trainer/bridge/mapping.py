@@ -24,10 +24,8 @@ ExpertLayout = Literal["packed", "per_expert"]
 
 
 class Where(Enum):
-    """Which layers or stages a rule applies to."""
+    """Which layers a rule applies to."""
 
-    FIRST_STAGE = "first_stage"
-    LAST_STAGE = "last_stage"
     ATTENTION = "full_attention"
     GDN = "linear_attention"
     EVERY_LAYER = "every_layer"
@@ -72,16 +70,16 @@ def _whole(ref: HFRef, shape: tuple[int, ...], dim: int = 0) -> Block:
     return Block(ref, shape, 0, shape[dim])
 
 
-def _rows(s: Qwen35Spec, n: Names, suffix: str, rows: int, cols: int) -> Block:
+def _rows(n: Names, suffix: str, rows: int, cols: int) -> Block:
     return _whole(n.layer_ref(suffix), (rows, cols))
 
 
 def _gated_qkv(s: Qwen35Spec, n: Names) -> Transform:
     d, h = s.head_dim, s.hidden_size
     return GatedQKV(
-        q=_rows(s, n, "self_attn.q_proj.weight", 2 * s.num_attention_heads * d, h),
-        k=_rows(s, n, "self_attn.k_proj.weight", s.num_key_value_heads * d, h),
-        v=_rows(s, n, "self_attn.v_proj.weight", s.num_key_value_heads * d, h),
+        q=_rows(n, "self_attn.q_proj.weight", 2 * s.num_attention_heads * d, h),
+        k=_rows(n, "self_attn.k_proj.weight", s.num_key_value_heads * d, h),
+        v=_rows(n, "self_attn.v_proj.weight", s.num_key_value_heads * d, h),
         groups=s.num_key_value_heads,
         heads_per_group=s.num_attention_heads // s.num_key_value_heads,
         head_dim=d,
@@ -100,9 +98,9 @@ def _gdn_in_proj(s: Qwen35Spec, n: Names) -> Transform:
     return SplitBlocks(
         (
             *_gdn_qkv_blocks(s, qkv, (s.gdn_conv_dim, h)),
-            _rows(s, n, "linear_attn.in_proj_z.weight", s.gdn_value_dim, h),
-            _rows(s, n, "linear_attn.in_proj_b.weight", vh, h),
-            _rows(s, n, "linear_attn.in_proj_a.weight", vh, h),
+            _rows(n, "linear_attn.in_proj_z.weight", s.gdn_value_dim, h),
+            _rows(n, "linear_attn.in_proj_b.weight", vh, h),
+            _rows(n, "linear_attn.in_proj_a.weight", vh, h),
         )
     )
 
@@ -120,10 +118,6 @@ def _norm(suffix: str, size: Callable[[Qwen35Spec], int]) -> Callable[[Qwen35Spe
     return lambda s, n: Replicated(_whole(n.layer_ref(suffix), (size(s),)))
 
 
-def _column(suffix: str, rows: Callable[[Qwen35Spec], int]) -> Callable[[Qwen35Spec, Names], Transform]:
-    return lambda s, n: SplitBlocks((_rows(s, n, suffix, rows(s), s.hidden_size),))
-
-
 def _row(suffix: str, cols: Callable[[Qwen35Spec], int]) -> Callable[[Qwen35Spec, Names], Transform]:
     return lambda s, n: SplitBlocks((_whole(n.layer_ref(suffix), (s.hidden_size, cols(s)), dim=1),), dim=1)
 
@@ -131,8 +125,8 @@ def _row(suffix: str, cols: Callable[[Qwen35Spec], int]) -> Callable[[Qwen35Spec
 def _gated_fc1(prefix: str, width: Callable[[Qwen35Spec], int]) -> Callable[[Qwen35Spec, Names], Transform]:
     return lambda s, n: SplitBlocks(
         (
-            _rows(s, n, f"{prefix}.gate_proj.weight", width(s), s.hidden_size),
-            _rows(s, n, f"{prefix}.up_proj.weight", width(s), s.hidden_size),
+            _rows(n, f"{prefix}.gate_proj.weight", width(s), s.hidden_size),
+            _rows(n, f"{prefix}.up_proj.weight", width(s), s.hidden_size),
         )
     )
 
@@ -155,7 +149,6 @@ def _expert_fc2(s: Qwen35Spec, n: Names) -> Transform:
     return SplitBlocks((Block(ref, shape, 0, i),), dim=1)
 
 
-_I = lambda s: s.moe_intermediate_size  # noqa: E731
 _SHARED = lambda s: s.shared_expert_intermediate_size  # noqa: E731
 _DENSE = lambda s: s.intermediate_size  # noqa: E731
 _H = lambda s: s.hidden_size  # noqa: E731
