@@ -2,13 +2,17 @@
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from lora_trainer.training.quiet import quiet_third_party_noise
 
-from lora_trainer.errors import LoraTrainerError
-from lora_trainer.training.hydra_schema import register_schema, to_train_config
-from lora_trainer.training.launch import is_relaunched_rank
-from lora_trainer.training.validate import resolve_run, validate_config
+quiet_third_party_noise()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from lora_trainer.errors import LoraTrainerError  # noqa: E402
+from lora_trainer.training.hydra_schema import register_schema, to_train_config  # noqa: E402
+from lora_trainer.training.launch import is_relaunched_rank  # noqa: E402
+from lora_trainer.training.validate import resolve_run, validate_config  # noqa: E402
 
 register_schema()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 
 from callbacks.checkpoint_export import CheckpointExportCallback
@@ -18,6 +19,7 @@ from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
 from lora_trainer.training.checkpoints import complete_saves
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.module import LoraTrainingModule, parallel_config
+from lora_trainer.training.quiet import route_lightning_logs_to_root
 from lora_trainer.training.strategy import MegatronStrategy
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,15 @@ def check_batch(vocab_size: int) -> torch.Tensor:
 
 def train(config: TrainConfig, resolved: Any) -> None:
     """Train LoRA on `resolved.hf_path` with `config`; saves and exports per `config.checkpoint`."""
+    route_lightning_logs_to_root()
+    p = config.parallel
+    rank_zero_info(
+        f"Training LoRA (r={config.lora.r}, {config.lora.style}) on {resolved.hf_path}: "
+        f"{resolved.world_size} ranks = tp {p.tp} x pp {p.pp} x dp {resolved.dp_size} (ep {p.ep}), "
+        f"{config.trainer.max_steps} steps of {config.trainer.global_batch_size} rows "
+        f"({resolved.num_microbatches} micro-batches per rank), saves every "
+        f"{config.checkpoint.every_n_steps} steps to {Path(config.output_dir) / 'checkpoints'}"
+    )
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     data = SFTDataModule(
         config.data.train_path or str(TINY_SFT_PATH),
