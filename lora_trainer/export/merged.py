@@ -12,7 +12,7 @@ per-expert base stays per-expert. A shard is written front to back in one pass:
   time, small enough to stay in cache: converted to fp32, `scale * b @ a` added with `addmm`,
   rounded once back to the stored dtype) and is written in place.
 
-Memory is bounded by one block buffer (`BLOCK_BYTES`) and one tile, whatever the shard or model
+Memory is bounded by one block buffer (`BLOCK_BYTES`) and one tile per shard worker, whatever the shard or model
 size. Shard files are divided among ranks (rank r writes files r, r + world_size, ...); rank 0
 also writes the index and copies the non-weight files. Writing into a temporary directory and
 renaming it is the caller's job (`hf_export`).
@@ -53,9 +53,10 @@ from lora_trainer.export.peft_adapter import PER_EXPERT_MODULES
 BLOCK_BYTES = 32 * 2**20
 TILE_BYTES = 2 * 2**20
 MERGE_THREADS = 1
-# Shards merged at once, each by its own thread with its own buffers: one thread's file I/O
-# overlaps another's arithmetic (torch and os calls release the GIL).
-SHARD_WORKERS = 2
+# Shards merged at once, each by its own thread with its own buffers (one block and one tile,
+# so memory stays bounded): one thread's file I/O overlaps another's arithmetic (torch and os
+# calls release the GIL). On a 1 GiB bf16 checkpoint, 4 gave 2.6-3.0x a plain copy, 2 gave 3.0-3.3x.
+SHARD_WORKERS = 4
 # Largest single transfer handed to sendfile / write.
 _COPY_CHUNK = 2**30
 # safetensors dtype names a delta can be added to (quantized weights would need their scales).
