@@ -100,3 +100,13 @@ def test_packed_samples_give_the_logits_of_each_sample_alone(kind: str, checkpoi
     result = run_multirank(run_packing, 1, {}, checkpoints[kind], samples, 32)[0]
     for alone, packed in zip(result["alone"], result["packed"]):
         assert (alone - packed).abs().max().item() <= 1e-4
+
+
+def test_default_expert_parallel_layout_trains_and_passes_the_export_check(tmp_path: Path) -> None:
+    """The embedded default's layout (EP=2 on 2 ranks) with the export check on."""
+    train(tmp_path, "trainer.max_steps=2", "checkpoint.every_n_steps=2", "logger=none", "export.check=true")
+    manifest = json.loads((tmp_path / "checkpoints" / "step-2" / "export_manifest.json").read_text())
+    assert manifest["check"]["passed"], manifest["check"]
+    tensors = adapter_tensors(tmp_path / "checkpoints" / "step-2")
+    expert_b = [t for k, t in tensors.items() if "mlp.experts" in k and "lora_B" in k]
+    assert expert_b and all(t.abs().sum() > 0 for t in expert_b)
