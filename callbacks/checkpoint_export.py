@@ -20,7 +20,7 @@ from lora_trainer.export.gather_adapter import gather_hf_adapter
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.training.checkpoints import complete_saves, save_dir_name
 from lora_trainer.training.config import TrainConfig
-from lora_trainer.training.module import LoraTrainingModule, lora_config
+from lora_trainer.training.module import LoraTrainingModule
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class CheckpointExportCallback(pl.Callback):
         strategy.barrier("save:staging")
         started = time.perf_counter()
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
-        adapter = gather_hf_adapter(module.adapters, module.loaded.spec, lora_config(self.config), str(module.hf_path))
+        adapter = gather_hf_adapter(module.adapters, module.loaded.spec, self.config.lora.to_lora_config(), str(module.hf_path))
         export = self.config.export
         manifest = export_hf(
             adapter,

@@ -188,6 +188,7 @@ ERROR_CASES: list[tuple[list[str], type[LoraTrainerError], str]] = [
     (["trainer.num_nodes=0"], ConfigError, "trainer.num_nodes"),
     (["trainer.global_batch_size=6"], ConfigError, "trainer.global_batch_size"),
     (["export.profile=packed"], ConfigError, "export.profile"),
+    (["export.profile=per_expert", "export.check=true"], ConfigError, "export.profile=peft"),
     (["logger.kind=tensorboard"], ConfigError, "logger.kind"),
     (["model.dtype=fp8"], ConfigError, "model.dtype"),
     (["lora.r=0"], LoraConfigError, "lora.r"),

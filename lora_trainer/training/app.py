@@ -18,7 +18,7 @@ from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
 from lora_trainer.training.checkpoints import complete_saves
 from lora_trainer.training.config import TrainConfig
-from lora_trainer.training.module import LoraTrainingModule, parallel_config
+from lora_trainer.training.module import LoraTrainingModule
 from lora_trainer.training.quiet import route_lightning_logs_to_root
 from lora_trainer.training.strategy import MegatronStrategy
 
@@ -88,7 +88,7 @@ def train(config: TrainConfig, resolved: Any) -> None:
         accelerator=accelerator,
         devices=config.trainer.devices,
         num_nodes=config.trainer.num_nodes,
-        strategy=MegatronStrategy(parallel_config(config), seed=config.seed),
+        strategy=MegatronStrategy(config.parallel.to_parallel_config(), seed=config.seed),
         max_steps=config.trainer.max_steps,
         precision="32-true",
         logger=build_logger(config),

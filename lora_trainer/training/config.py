@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lora_trainer.lora.config import LoraConfig
+from lora_trainer.parallel.config import ParallelConfig
+
 
 @dataclass
 class ModelConfig:
@@ -32,6 +35,13 @@ class LoraSection:
     style: str = "fused"
     seed: int = 0
 
+    def to_lora_config(self) -> LoraConfig:
+        """The validated library config (LoraConfigError for bad values)."""
+        return LoraConfig(
+            r=self.r, alpha=self.alpha, rslora=self.rslora, dropout=self.dropout,
+            targets=tuple(self.targets), style=self.style, seed=self.seed,  # type: ignore[arg-type]
+        )
+
 
 @dataclass
 class ParallelSection:
@@ -40,6 +50,9 @@ class ParallelSection:
     ep: int = 1
     etp: int = 1
     sp: bool = False
+
+    def to_parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp, sp=self.sp)
 
 
 @dataclass

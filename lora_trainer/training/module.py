@@ -17,28 +17,13 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from lora_trainer.bridge.build import LoadedModel, build_model_from_hf
-from lora_trainer.lora.config import LoraConfig
 from lora_trainer.lora.inject import inject_lora
 from lora_trainer.lora.layers import LoraLinear
-from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.loss import masked_token_loss
 from lora_trainer.training.optim import build_optimizer, clip_gradients, warmup_cosine
 
 MODEL_KEYS = ("input_ids", "position_ids", "cu_seqlens")
-
-
-def parallel_config(config: TrainConfig) -> ParallelConfig:
-    p = config.parallel
-    return ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, sp=p.sp)
-
-
-def lora_config(config: TrainConfig) -> LoraConfig:
-    lo = config.lora
-    return LoraConfig(
-        r=lo.r, alpha=lo.alpha, rslora=lo.rslora, dropout=lo.dropout,
-        targets=tuple(lo.targets), style=lo.style, seed=lo.seed,  # type: ignore[arg-type]
-    )
 
 
 def params_dtype(name: str) -> torch.dtype:
@@ -66,8 +51,8 @@ class LoraTrainingModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.loaded is not None:
             return
-        self.loaded = build_model_from_hf(self.hf_path, parallel_config(self.config), params_dtype(self.config.model.dtype))
-        self.adapters = inject_lora(self.loaded.model, lora_config(self.config))
+        self.loaded = build_model_from_hf(self.hf_path, self.config.parallel.to_parallel_config(), params_dtype(self.config.model.dtype))
+        self.adapters = inject_lora(self.loaded.model, self.config.lora.to_lora_config())
         model_config = self.loaded.model.config
         model_config.calculate_per_token_loss = True
         model_config.finalize_model_grads_func = finalize_model_grads

@@ -108,18 +108,15 @@ def resolve_run(config: TrainConfig) -> ResolvedRun:
 
 def _resolve(config: TrainConfig, build_tiny: bool) -> ResolvedRun:
     _check_settings(config)
-    lora = LoraConfig(
-        r=config.lora.r,
-        alpha=config.lora.alpha,
-        rslora=config.lora.rslora,
-        dropout=config.lora.dropout,
-        targets=tuple(config.lora.targets),
-        style=config.lora.style,  # type: ignore[arg-type]
-        seed=config.lora.seed,
-    )
+    lora = config.lora.to_lora_config()
     hf_path = _model_dir(config, build_tiny)
     spec = _spec(hf_path)
     lora.check_model(spec.is_moe)
+    if spec.is_moe and config.export.check and config.export.profile == "per_expert":
+        raise ConfigError(
+            "export.check=true needs export.profile=peft on a MoE model: PEFT does not load the "
+            "per_expert layout onto transformers' Qwen3.5-MoE experts, so the check cannot compare it"
+        )
     parallel, world = _parallel(config, spec)
     dp = parallel.dp_size(world)
     num_microbatches = _num_microbatches(config, dp)
@@ -212,9 +209,7 @@ def _spec(hf_path: Path) -> Qwen35Spec:
 
 def _parallel(config: TrainConfig, spec: Qwen35Spec) -> tuple[ParallelConfig, int]:
     section, trainer = config.parallel, config.trainer
-    parallel = ParallelConfig(
-        tp=section.tp, pp=section.pp, ep=section.ep, etp=section.etp, sp=section.sp
-    )
+    parallel = section.to_parallel_config()
     world = trainer.devices * trainer.num_nodes
     model_parallel = parallel.tp * parallel.pp
     if parallel.tp >= 1 and parallel.pp >= 1 and world % model_parallel:
