@@ -17,14 +17,12 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from lora_trainer.bridge.build import LoadedModel, build_model_from_hf
+from lora_trainer.errors import CheckpointError
 from lora_trainer.lora.inject import inject_lora
 from lora_trainer.lora.layers import LoraLinear
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.loss import masked_token_loss
 from lora_trainer.training.optim import build_optimizer, clip_gradients, warmup_cosine
-
-MODEL_KEYS = ("input_ids", "position_ids", "cu_seqlens")
-
 
 def params_dtype(name: str) -> torch.dtype:
     """`auto`: bf16 on GPU, fp32 on CPU (names checked against MODEL_DTYPES before launch)."""
@@ -78,7 +76,7 @@ class LoraTrainingModule(pl.LightningModule):
         missing = [name for name, p in params.items() if p.requires_grad and name not in state_dict]
         unexpected = [name for name in state_dict if name not in params]
         if missing or unexpected:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"the checkpoint's LoRA parameters do not match this model: missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}; resume with the same lora.* and parallel.* settings"
             )
