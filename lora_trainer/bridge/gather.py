@@ -7,6 +7,7 @@ streams base tensors from disk instead of gathering the model.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,9 @@ from lora_trainer.bridge.loader import group_rank_size, model_mapping
 from lora_trainer.bridge.mapping import ExpertLayout, ParamMapping
 from lora_trainer.bridge.transforms import HFRef
 from lora_trainer.qwen35.model import Qwen35Model
+
+Key = TypeVar("Key")
+Value = TypeVar("Value")
 
 
 def _group(name: str) -> dist.ProcessGroup | None:
@@ -70,11 +74,16 @@ def gather_hf_state_dict(model: Qwen35Model, expert_layout: ExpertLayout) -> dic
     """Every text tensor of the model under its HF checkpoint name, on every rank."""
     mappings = model_mapping(model, expert_layout)
     local = gather_mapped(dict(model.named_parameters()), mappings)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone: list[dict[HFRef, torch.Tensor] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, {ref: t.cpu() for ref, t in local.items()})
-        merged: dict[HFRef, torch.Tensor] = {}
-        for part in everyone:
-            merged.update(part or {})
-        local = merged
-    return assemble_hf_names(local)
+    return assemble_hf_names(merge_from_all_ranks({ref: t.cpu() for ref, t in local.items()}))
+
+
+def merge_from_all_ranks(local: dict[Key, Value]) -> dict[Key, Value]:
+    """The union of every rank's dict (picklable, on CPU), on every rank. Collective."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    everyone: list[dict[Key, Value] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    merged: dict[Key, Value] = {}
+    for part in everyone:
+        merged.update(part or {})
+    return merged

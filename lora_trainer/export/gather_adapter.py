@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
 
-from lora_trainer.bridge.gather import gather_shards
+from lora_trainer.bridge.gather import gather_shards, merge_from_all_ranks
 from lora_trainer.bridge.loader import group_rank_size
 from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.lora.config import LoraConfig
@@ -65,22 +64,12 @@ def local_hf_factors(adapters: list[LoraLinear], spec: Qwen35Spec) -> LocalFacto
     return out
 
 
-def _all_ranks(local: LocalFactors) -> LocalFactors:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return local
-    everyone: list[LocalFactors | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {k: (a.cpu(), b.cpu()) for k, (a, b) in local.items()})
-    merged: LocalFactors = {}
-    for part in everyone:
-        merged.update(part or {})
-    return merged
-
-
 def gather_hf_adapter(
     adapters: list[LoraLinear], spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str
 ) -> HFAdapter:
     """The whole adapter in HF layout, on every rank. Collective: every rank must call it."""
-    factors = _all_ranks(local_hf_factors(adapters, spec))
+    local = {key: (a.cpu(), b.cpu()) for key, (a, b) in local_hf_factors(adapters, spec).items()}
+    factors = merge_from_all_ranks(local)
     linears: dict[str, HFLoraWeights] = {}
     experts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
     for (module, expert), (a, b) in factors.items():
