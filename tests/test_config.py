@@ -7,13 +7,16 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
+from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.errors import (
     CheckpointError,
     ConfigError,
@@ -21,17 +24,21 @@ from lora_trainer.errors import (
     LoraTrainerError,
     ParallelConfigError,
 )
+from lora_trainer.lora import config as lora_config
 from lora_trainer.lora.config import LoraConfigError
+from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35 import tiny
 from lora_trainer.qwen35.tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
-from lora_trainer.training.config import TrainConfig
-from lora_trainer.training.hydra_schema import register_schema, to_train_config
+from lora_trainer.training import choices
+from lora_trainer.training.config import ExportSection, LoggerSection, ModelConfig, TrainConfig
+from lora_trainer.training.hydra_schema import config_keys, register_schema, to_train_config
 from lora_trainer.training.launch import is_relaunched_rank
 from lora_trainer.training.validate import is_complete_save, resolve_run, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 PRESETS = sorted(path.stem for path in (CONF_DIR / "model").glob("qwen3_5_*.yaml"))
+LAYOUTS = sorted(path.stem for path in (CONF_DIR / "layout").glob("*.yaml"))
 
 register_schema()
 
@@ -88,6 +95,57 @@ def test_default_is_the_embedded_tiny_moe_run() -> None:
     assert config.resume is None
 
 
+def test_no_overrides_compose_to_train_config_defaults() -> None:
+    """conf/ holds no second copy of a default: `python train.py` with no overrides is TrainConfig()."""
+    composed, default = compose_config(), TrainConfig()
+    differences = [
+        f"{section.name}.{key.name}: conf {getattr(getattr(composed, section.name), key.name)!r} "
+        f"!= TrainConfig() {getattr(getattr(default, section.name), key.name)!r}"
+        for section in fields(TrainConfig)
+        if hasattr(getattr(default, section.name), "__dataclass_fields__")
+        for key in fields(getattr(default, section.name))
+        if getattr(getattr(composed, section.name), key.name) != getattr(getattr(default, section.name), key.name)
+    ]
+    differences += [
+        f"{key.name}: conf {getattr(composed, key.name)!r} != TrainConfig() {getattr(default, key.name)!r}"
+        for key in fields(TrainConfig)
+        if not hasattr(getattr(default, key.name), "__dataclass_fields__")
+        and getattr(composed, key.name) != getattr(default, key.name)
+    ]
+    assert differences == []
+    assert composed == default
+
+
+def test_the_demo_layout_belongs_to_the_demo_preset_only() -> None:
+    """Only model=tiny_moe (the default) splits experts over 2 ranks; every other model starts at ep=1, 1 device."""
+    for overrides in (["model=tiny_dense"], *[[f"model={p}", "model.hf_path=/models/q"] for p in PRESETS]):
+        config = compose_config(*overrides)
+        assert (config.parallel.ep, config.trainer.devices) == (1, 1), overrides
+    assert config.parallel == replace(TrainConfig().parallel, ep=1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_fits_its_ranks(layout: str) -> None:
+    preset = next((p for p in PRESETS if layout.startswith(p)), "qwen3_5_9b")
+    config = compose_config(f"model={preset}", "model.hf_path=/models/q", f"layout={layout}")
+    world = config.trainer.devices * config.trainer.num_nodes
+    parallel = config.parallel.to_parallel_config()
+    parallel.validate(world)
+    assert world >= 8 and parallel.dp_size(world) >= 2
+
+
+def test_published_layouts_are_selectable() -> None:
+    config = compose_config("model=qwen3_5_35b_a3b", "model.hf_path=/models/q", "layout=qwen3_5_35b_a3b_8gpu")
+    assert (config.parallel.ep, config.parallel.tp, config.trainer.devices) == (8, 1, 8)
+    config = compose_config("model=qwen3_5_397b_a17b", "model.hf_path=/m", "layout=qwen3_5_397b_a17b_4x8gpu")
+    assert (config.parallel.pp, config.parallel.ep, config.trainer.devices, config.trainer.num_nodes) == (4, 8, 8, 4)
+    config = compose_config("model=qwen3_5_27b", "model.hf_path=/m", "layout=qwen3_5_27b_8gpu_tp4")
+    assert (config.parallel.tp, config.parallel.sp, config.parallel.ep) == (4, True, 1)
+    for preset in PRESETS:
+        text = (CONF_DIR / "model" / f"{preset}.yaml").read_text()
+        assert "layout=" in text and all(f"layout={name}" not in text or name in LAYOUTS for name in LAYOUTS)
+
+
 def test_hydra_keeps_the_working_directory_and_writes_under_output_dir() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="train", overrides=["output_dir=/runs/a"], return_hydra_config=True)
@@ -124,6 +182,10 @@ OVERRIDES: list[tuple[str, str, object]] = [
     ("resume=latest", "resume", "latest"),
     ("logger=none", "logger.kind", "none"),
     ("logger=wandb", "logger.kind", "wandb"),
+    ("logger.kind=none", "logger.kind", "none"),
+    ("model.dtype=bfloat16", "model.dtype", "bfloat16"),
+    ("model=tiny_dense", "model.tiny", "dense"),
+    ("layout=dp_8gpu", "trainer.devices", 8),
 ]
 
 
@@ -139,6 +201,39 @@ def test_every_public_key_lands_in_the_train_config(override: str, key: str, exp
 def test_a_wrong_key_or_value_fails_in_hydra(override: str) -> None:
     with pytest.raises(ConfigCompositionException):
         compose_config(override)
+
+
+@pytest.mark.parametrize(
+    ("override", "nearest"),
+    [("+trainer.max_step=3", "trainer.max_steps"), ("+lora.rank=4", "lora.r"), ("++optim.warmup=1", "optim.warmup_steps")],
+)
+def test_an_added_unknown_key_fails_naming_the_nearest(override: str, nearest: str) -> None:
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key} is not a config key.*did you mean {nearest}\?"):
+        compose_config(override)
+
+
+CLOSED_SETS: list[tuple[str, str]] = [
+    ("export.profile=packed", "[peft, per_expert]"),
+    ("logger.kind=tensorboard", "[wandb, none]"),
+    ("model.dtype=fp8", "[auto, float32, bfloat16]"),
+    ("lora.style=split", "[fused, canonical]"),
+    ("model.tiny=large", "[moe, dense]"),
+]
+
+
+@pytest.mark.parametrize(("override", "choices"), CLOSED_SETS, ids=[c[0] for c in CLOSED_SETS])
+def test_hydra_rejects_a_value_outside_a_closed_set_naming_the_choices(override: str, choices: str) -> None:
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_config(override)
+    assert f"expected one of {choices}" in str(caught.value.__cause__)
+
+
+def test_the_enums_are_the_library_closed_sets() -> None:
+    assert set(choices.ExportProfile) == set(get_args(Profile))
+    assert set(choices.LoraStyle) == set(get_args(lora_config.LoraStyle))
+    assert set(choices.TinyKind) == set(tiny.TINY_KINDS)
+    assert "trainer.max_steps" in config_keys() and "lora" in config_keys()
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -177,23 +272,17 @@ def test_resolve_run_does_not_build_the_tiny_model(tmp_path: Path) -> None:
 
 ERROR_CASES: list[tuple[list[str], type[LoraTrainerError], str]] = [
     (["model.tiny=null"], ConfigError, "model.hf_path"),
-    (["model.tiny=large"], ConfigError, "model.tiny"),
     (["model.hf_path=/nonexistent/model"], CheckpointError, "model.hf_path"),
     (["parallel.tp=4", "parallel.ep=1", "parallel.sp=true", "trainer.devices=4"], ParallelConfigError, "parallel.tp"),
     (["parallel.tp=2", "parallel.ep=1", "trainer.devices=3"], ParallelConfigError, "dp would be 3/2"),
     (["trainer.devices=3"], ParallelConfigError, "parallel."),
     (["parallel.sp=true"], ParallelConfigError, "sp=true"),
     (["parallel.tp=2", "parallel.ep=1"], ParallelConfigError, "parallel.sp=true"),
-    (["model=tiny_dense"], ParallelConfigError, "parallel.ep"),
     (["trainer.num_nodes=0"], ConfigError, "trainer.num_nodes"),
     (["trainer.global_batch_size=6"], ConfigError, "trainer.global_batch_size"),
-    (["export.profile=packed"], ConfigError, "export.profile"),
     (["export.profile=per_expert", "export.check=true"], ConfigError, "export.profile=peft"),
-    (["logger.kind=tensorboard"], ConfigError, "logger.kind"),
-    (["model.dtype=fp8"], ConfigError, "model.dtype"),
     (["lora.r=0"], LoraConfigError, "lora.r"),
     (["lora.targets=[router]"], LoraConfigError, "lora.targets"),
-    (["lora.style=split"], LoraConfigError, "lora.style"),
     (["lora.dropout=0.1"], LoraConfigError, "lora.dropout"),
     (
         ["parallel.tp=2", "parallel.sp=true", "parallel.ep=1", "data.max_seq_len=127"],
@@ -209,6 +298,41 @@ ERROR_CASES: list[tuple[list[str], type[LoraTrainerError], str]] = [
 def test_validate_config_names_the_key(config_with, overrides: list[str], error: type, key: str) -> None:
     with pytest.raises(error, match=key.replace(".", r"\.").replace("*", r"\*")):
         validate_config(config_with(*overrides))
+
+
+LIBRARY_CHECKS: list[tuple[dict[str, object], type[LoraTrainerError], str]] = [
+    ({"export": ExportSection(profile="packed")}, ConfigError, "export.profile='packed' is unknown; use one of peft, per_expert"),
+    ({"logger": LoggerSection(kind="tensorboard")}, ConfigError, "logger.kind='tensorboard' is unknown"),
+    ({"model": ModelConfig(tiny="moe", dtype="fp8")}, ConfigError, "model.dtype='fp8' is unknown; use one of auto, float32, bfloat16"),
+    ({"model": ModelConfig(tiny="large")}, ConfigError, "model.tiny='large' is not a tiny model kind"),
+]
+
+
+@pytest.mark.parametrize(("changes", "error", "message"), LIBRARY_CHECKS, ids=[c[2].split("=")[0] for c in LIBRARY_CHECKS])
+def test_a_train_config_built_in_python_is_still_checked(
+    changes: dict[str, object], error: type, message: str, tiny_cache: Path, tmp_path: Path
+) -> None:
+    config = replace(TrainConfig(output_dir=str(tmp_path / "out")), **changes)
+    config.model.tiny_cache_dir = str(tiny_cache)
+    with pytest.raises(error, match=message.replace(".", r"\.").replace("[", r"\[")):
+        validate_config(config)
+    config = replace(TrainConfig(), lora=replace(TrainConfig().lora, style="split"))
+    with pytest.raises(LoraConfigError, match="lora.style='split'"):
+        config.lora.to_lora_config()
+
+
+@pytest.mark.parametrize("kind", ["tiny", "hf_path"])
+def test_expert_parallelism_does_not_constrain_a_dense_model(config_with, tiny_cache: Path, kind: str) -> None:
+    """`model.hf_path=DENSE parallel.pp=2 trainer.devices=2` fits, on the demo preset (ep=2) too."""
+    model = "model=tiny_dense" if kind == "tiny" else f"model.hf_path={tiny_checkpoint_path('dense', tiny_cache)}"
+    config = config_with(model, "parallel.pp=2", "trainer.devices=2")
+    assert config.parallel.ep == (1 if kind == "tiny" else 2)
+    run = validate_config(config)
+    assert not run.spec.is_moe
+    assert (run.parallel.pp, run.parallel.ep, run.parallel.etp) == (2, 1, 1)
+    assert (run.world_size, run.dp_size, run.expert_dp_size) == (2, 1, 1)
+    moe = validate_config(config_with(f"model.hf_path={tiny_checkpoint_path('moe', tiny_cache)}"))
+    assert (moe.parallel.ep, moe.world_size, moe.expert_dp_size) == (2, 2, 1)
 
 
 def test_hf_path_without_config_json(config_with, tmp_path: Path) -> None:
@@ -317,7 +441,7 @@ def test_tiny_build_that_loses_a_race_keeps_the_winner(tmp_path: Path, monkeypat
 def run_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, WANDB_MODE="disabled")
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"output_dir={tmp_path / 'out'}", *overrides],
+        [sys.executable, str(ROOT / "train.py"), *overrides, f"output_dir={tmp_path / 'out'}"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -341,3 +465,23 @@ def test_train_py_bad_data_line_is_one_line_with_file_and_line(tmp_path: Path, t
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"{bad}:3" in errors[0] and "data.train_path" in errors[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+COMMAND_LINE_ERRORS: list[tuple[list[str], str]] = [
+    (["+trainer.max_step=3"], "trainer.max_step is not a config key (with or without +); did you mean trainer.max_steps?"),
+    (["trainer.max_step=3"], "trainer.max_step is not a config key (with or without +); did you mean trainer.max_steps?"),
+    (["-m", "parallel.ep=2,1"], "-m/--multirun: Hydra sweeps are not supported"),
+    (["parallel.ep=2,1"], "parallel.ep=2,1 sweeps over several values"),
+    (["export.profile=packed"], "Invalid value 'packed', expected one of [peft, per_expert]"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), COMMAND_LINE_ERRORS, ids=[" ".join(c[0]) for c in COMMAND_LINE_ERRORS])
+def test_train_py_refuses_before_hydra_runs(tmp_path: Path, overrides: list[str], message: str) -> None:
+    result = run_train(tmp_path, *overrides)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr
+    if "multirun" in message or "sweeps" in message:
+        assert "one `python train.py` per setting" in result.stderr and "output_dir" in result.stderr
+    assert result.stdout == "" and not (tmp_path / "out").exists()

@@ -62,7 +62,7 @@ def check_batch(vocab_size: int) -> torch.Tensor:
 def train(config: TrainConfig, resolved: Any) -> None:
     """Train LoRA on `resolved.hf_path` with `config`; saves and exports per `config.checkpoint`."""
     route_lightning_logs_to_root()
-    p = config.parallel
+    p = resolved.parallel
     rank_zero_info(
         f"Training LoRA (r={config.lora.r}, {config.lora.style}) on {resolved.hf_path}: "
         f"{resolved.world_size} ranks = tp {p.tp} x pp {p.pp} x dp {resolved.dp_size} (ep {p.ep}), "
@@ -81,14 +81,14 @@ def train(config: TrainConfig, resolved: Any) -> None:
         pack=config.data.pack,
         seed=config.data.seed,
     )
-    module = LoraTrainingModule(config, str(resolved.hf_path), resolved.num_microbatches)
+    module = LoraTrainingModule(config, str(resolved.hf_path), resolved.num_microbatches, resolved.parallel)
     saver = CheckpointExportCallback(config, check_batch(resolved.spec.vocab_size))
     validate = bool(config.data.val_path) and config.trainer.val_every_n_steps > 0
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=config.trainer.devices,
         num_nodes=config.trainer.num_nodes,
-        strategy=MegatronStrategy(config.parallel.to_parallel_config(), seed=config.seed),
+        strategy=MegatronStrategy(resolved.parallel, seed=config.seed),
         max_steps=config.trainer.max_steps,
         precision="32-true",
         logger=build_logger(config),

@@ -1,4 +1,14 @@
-"""The run configuration: one dataclass per Hydra group under `conf/`, composed in `TrainConfig`.
+"""The run configuration: one dataclass per section, composed in `TrainConfig`.
+
+These dataclasses are the only place a key and its default are written: Hydra uses them as the
+schema (`hydra_schema.py`), and the files under `conf/` hold presets only (a model, a parallel
+layout, a logger), each setting just the keys that make it that preset. Adding a key is one field
+here plus its row in README.md's configuration table. Closed sets are the enums of `choices.py`.
+
+Each section's defaults are the global ones, which every preset starts from. `TrainConfig()` is
+the embedded demo run, what `python train.py` runs with no overrides: the `model=tiny_moe` preset
+(`conf/model/tiny_moe.yaml`), the tiny random MoE with its 4 experts split over 2 ranks. A test
+composes the Hydra config with no overrides and compares it with `TrainConfig()` field by field.
 
 These field names are the public contract of `python train.py key=value` overrides.
 """
@@ -8,31 +18,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lora_trainer.lora.config import LoraConfig
+from lora_trainer.lora.config import ALL_TARGETS, LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
+from lora_trainer.training.choices import ExportProfile, LoggerKind, LoraStyle, ModelDtype, TinyKind
 
 
 @dataclass
 class ModelConfig:
-    """`hf_path`: a local Hugging Face Qwen3.5 checkpoint directory. Left empty, the embedded
-    tiny random model of kind `tiny` is built once and cached under `tiny_cache_dir`."""
+    """`hf_path`: a local Hugging Face Qwen3.5 checkpoint directory. Left null, the embedded tiny
+    random model of kind `tiny` is built once and cached under `tiny_cache_dir`."""
 
     hf_path: Optional[str] = None
-    tiny: Optional[str] = "moe"
+    tiny: Optional[TinyKind] = None
     tiny_cache_dir: str = ".cache/tiny_models"
-    dtype: str = "auto"
+    dtype: ModelDtype = ModelDtype.auto
 
 
 @dataclass
 class LoraSection:
+    """LoRA on the Megatron linears in `targets`; scale = alpha / r (alpha / sqrt(r) with rslora)."""
+
     r: int = 16
     alpha: float = 32.0
     rslora: bool = False
     dropout: float = 0.0
-    targets: list[str] = field(
-        default_factory=lambda: ["linear_qkv", "linear_proj", "in_proj", "out_proj", "linear_fc1", "linear_fc2"]
-    )
-    style: str = "fused"
+    targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
+    style: LoraStyle = LoraStyle.fused
     seed: int = 0
 
     def to_lora_config(self) -> LoraConfig:
@@ -45,6 +56,10 @@ class LoraSection:
 
 @dataclass
 class ParallelSection:
+    """megatron-core parallel sizes; data parallel is (trainer.devices * trainer.num_nodes) / (tp * pp).
+    `ep` and `etp` split the routed experts (a dense model has none: they do not apply to it);
+    `sp` (sequence parallel) needs tp > 1."""
+
     tp: int = 1
     pp: int = 1
     ep: int = 1
@@ -57,31 +72,38 @@ class ParallelSection:
 
 @dataclass
 class DataSection:
-    """`train_path` empty means the small chat dataset shipped with lora_trainer."""
+    """JSONL SFT data; `train_path` null means the small chat dataset shipped with lora_trainer,
+    `val_path` null no validation. `pack` packs several samples into each `max_seq_len` row."""
 
     train_path: Optional[str] = None
     val_path: Optional[str] = None
-    max_seq_len: int = 256
+    max_seq_len: int = 128
     pack: bool = True
     seed: int = 0
 
 
 @dataclass
 class TrainerSection:
+    """Lightning Trainer settings: devices * num_nodes ranks; global_batch_size rows per optimizer
+    step, in micro-batches of micro_batch_size rows per data-parallel rank. val_every_n_steps 0:
+    no validation loop."""
+
     devices: int = 1
     num_nodes: int = 1
-    max_steps: int = 100
+    max_steps: int = 40
     global_batch_size: int = 8
-    micro_batch_size: int = 1
+    micro_batch_size: int = 2
     log_every_n_steps: int = 1
     val_every_n_steps: int = 0
 
 
 @dataclass
 class OptimSection:
-    lr: float = 2e-4
-    min_lr: float = 2e-5
-    warmup_steps: int = 10
+    """Adam over the LoRA parameters: peak lr after warmup_steps, min_lr at the end of the schedule."""
+
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 4
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -91,34 +113,41 @@ class OptimSection:
 
 @dataclass
 class CheckpointSection:
-    every_n_steps: int = 50
+    """Save every every_n_steps optimizer steps to output_dir/checkpoints/step-N; keep the last keep_last."""
+
+    every_n_steps: int = 20
     keep_last: int = 2
 
 
 @dataclass
 class ExportSection:
+    """Written into each save: hf_adapter/ (adapter) and hf_merged/ (base + LoRA folded in);
+    `check` compares the export with transformers + peft after writing it."""
+
     adapter: bool = True
     merged: bool = True
-    profile: str = "peft"
+    profile: ExportProfile = ExportProfile.peft
     check: bool = False
 
 
 @dataclass
 class LoggerSection:
-    """`kind`: wandb or none. Without wandb credentials the run logs offline and says so."""
+    """Without wandb credentials the run logs offline and says so."""
 
-    kind: str = "wandb"
+    kind: LoggerKind = LoggerKind.wandb
     project: str = "lora_trainer"
     name: Optional[str] = None
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    """The run; with no arguments, the embedded demo run (conf/model/tiny_moe.yaml's settings)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(tiny=TinyKind.moe))
     lora: LoraSection = field(default_factory=LoraSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelSection = field(default_factory=lambda: ParallelSection(ep=2))
     data: DataSection = field(default_factory=DataSection)
-    trainer: TrainerSection = field(default_factory=TrainerSection)
+    trainer: TrainerSection = field(default_factory=lambda: TrainerSection(devices=2))
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     export: ExportSection = field(default_factory=ExportSection)

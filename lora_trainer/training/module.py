@@ -20,6 +20,7 @@ from lora_trainer.bridge.build import LoadedModel, build_model_from_hf
 from lora_trainer.errors import CheckpointError
 from lora_trainer.lora.inject import inject_lora
 from lora_trainer.lora.layers import LoraLinear
+from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.loss import masked_token_loss
 from lora_trainer.training.optim import build_optimizer, clip_gradients, warmup_cosine
@@ -32,9 +33,10 @@ def params_dtype(name: str) -> torch.dtype:
 
 
 class LoraTrainingModule(pl.LightningModule):
-    def __init__(self, config: TrainConfig, hf_path: str, num_microbatches: int) -> None:
+    def __init__(self, config: TrainConfig, hf_path: str, num_microbatches: int, parallel: ParallelConfig) -> None:
         super().__init__()
         self.config = config
+        self.parallel = parallel
         self.hf_path = hf_path
         self.num_microbatches = num_microbatches
         self.automatic_optimization = False
@@ -49,7 +51,7 @@ class LoraTrainingModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.loaded is not None:
             return
-        self.loaded = build_model_from_hf(self.hf_path, self.config.parallel.to_parallel_config(), params_dtype(self.config.model.dtype))
+        self.loaded = build_model_from_hf(self.hf_path, self.parallel, params_dtype(self.config.model.dtype))
         self.adapters = inject_lora(self.loaded.model, self.config.lora.to_lora_config())
         model_config = self.loaded.model.config
         model_config.calculate_per_token_loss = True

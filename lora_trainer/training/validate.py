@@ -22,7 +22,7 @@ fresh when there is none; `resume=<path>` must name a complete save.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import get_args
 
@@ -42,6 +42,7 @@ from lora_trainer.training.checkpoints import (
     is_complete_save,
     save_dir_name,
 )
+from lora_trainer.training.choices import LoggerKind, ModelDtype
 from lora_trainer.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ __all__ = ["ResolvedRun", "is_complete_save", "resolve_run", "validate_config"]
 CHECKPOINTS_DIR = "checkpoints"
 RESUME_LATEST = "latest"
 EXPORT_PROFILES: tuple[str, ...] = get_args(Profile)
-LOGGER_KINDS = ("wandb", "none")
-MODEL_DTYPES = ("auto", "float32", "bfloat16")
+LOGGER_KINDS: tuple[str, ...] = tuple(LoggerKind)
+MODEL_DTYPES: tuple[str, ...] = tuple(ModelDtype)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -210,6 +211,12 @@ def _spec(hf_path: Path) -> Qwen35Spec:
 def _parallel(config: TrainConfig, spec: Qwen35Spec) -> tuple[ParallelConfig, int]:
     section, trainer = config.parallel, config.trainer
     parallel = section.to_parallel_config()
+    if not spec.is_moe and (parallel.ep, parallel.etp) != (1, 1):
+        log.info(
+            "parallel.ep=%s and parallel.etp=%s split routed experts; the model is dense (none), "
+            "so the run uses ep=1, etp=1", parallel.ep, parallel.etp,
+        )
+        parallel = replace(parallel, ep=1, etp=1)
     world = trainer.devices * trainer.num_nodes
     model_parallel = parallel.tp * parallel.pp
     if parallel.tp >= 1 and parallel.pp >= 1 and world % model_parallel:
