@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -141,9 +142,9 @@ def test_published_layouts_are_selectable() -> None:
     assert (config.parallel.pp, config.parallel.ep, config.trainer.devices, config.trainer.num_nodes) == (4, 8, 8, 4)
     config = compose_config("model=qwen3_5_27b", "model.hf_path=/m", "layout=qwen3_5_27b_8gpu_tp4")
     assert (config.parallel.tp, config.parallel.sp, config.parallel.ep) == (4, True, 1)
-    for preset in PRESETS:
-        text = (CONF_DIR / "model" / f"{preset}.yaml").read_text()
-        assert "layout=" in text and all(f"layout={name}" not in text or name in LAYOUTS for name in LAYOUTS)
+    suggested = {preset: re.findall(r"layout=(\w+)", (CONF_DIR / "model" / f"{preset}.yaml").read_text()) for preset in PRESETS}
+    assert all(names and set(names) <= set(LAYOUTS) for names in suggested.values()), suggested
+    assert set(LAYOUTS) == {name for names in suggested.values() for name in names}
 
 
 def test_hydra_keeps_the_working_directory_and_writes_under_output_dir() -> None:

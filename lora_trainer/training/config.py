@@ -141,7 +141,11 @@ class LoggerSection:
 
 @dataclass
 class TrainConfig:
-    """The run; with no arguments, the embedded demo run (conf/model/tiny_moe.yaml's settings)."""
+    """The run; with no arguments, the embedded demo run (conf/model/tiny_moe.yaml's settings).
+
+    `output_dir`: saves, Hydra's logs and offline wandb runs. `resume`: null starts fresh; latest
+    the newest complete save under output_dir/checkpoints (fresh if there is none); a path, that
+    save (output_dir/checkpoints/step-N)."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(tiny=TinyKind.moe))
     lora: LoraSection = field(default_factory=LoraSection)
