@@ -78,7 +78,7 @@ def check_command_line(argv: list[str], config_dir: Path) -> None:
     known = set(config_keys()) | {path.name for path in config_dir.iterdir() if path.is_dir()}
     for override in overrides:
         key = override.key_or_group
-        if key.split(".")[0] != "hydra" and key not in known:
+        if not key.startswith(("hydra.", "hydra/")) and key not in known:
             raise unknown_key_error(key, sorted(known))
         if override.is_sweep_override():
             raise ConfigError(
@@ -86,7 +86,7 @@ def check_command_line(argv: list[str], config_dir: Path) -> None:
             )
     try:
         with initialize_config_dir(config_dir=str(config_dir.absolute()), version_base=None):
-            cfg = compose(config_name=CONFIG_NAME, overrides=args.overrides, return_hydra_config=True)
+            cfg = compose(args.config_name or CONFIG_NAME, overrides=args.overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from err
     if cfg.hydra.mode == RunMode.MULTIRUN:

@@ -213,8 +213,8 @@ def _parallel(config: TrainConfig, spec: Qwen35Spec) -> tuple[ParallelConfig, in
     parallel = section.to_parallel_config()
     if not spec.is_moe and (parallel.ep, parallel.etp) != (1, 1):
         log.info(
-            "parallel.ep=%s and parallel.etp=%s split routed experts; the model is dense (none), "
-            "so the run uses ep=1, etp=1", parallel.ep, parallel.etp,
+            "parallel.ep=%s and parallel.etp=%s split routed experts, which this dense model does not "
+            "have: the run uses ep=1, etp=1", parallel.ep, parallel.etp,
         )
         parallel = replace(parallel, ep=1, etp=1)
     world = trainer.devices * trainer.num_nodes
