@@ -2,7 +2,11 @@
 `OUT/checkpoints/step-N/` with the training state of every rank, the HF adapter and/or merged
 checkpoint and the export manifest, atomically: everything goes into a staging sibling that is
 renamed to `step-N` only when complete. Then it prunes old saves down to `checkpoint.keep_last`,
-never deleting the newest complete one."""
+never deleting the newest exported one nor the one being exported.
+
+With `export.background=true` (`_save_in_background`) the save holds the training state and the export snapshot
+when it is renamed to `step-N`; the HF export is then made inside it by background workers
+(`background_export.py`) while training goes on."""
 
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from callbacks.background_export import BackgroundExports
 from lora_trainer.errors import ExportError
-from lora_trainer.export.gather_adapter import gather_hf_adapter
+from lora_trainer.export.background import is_exported, pending_exports
+from lora_trainer.export.gather_adapter import gather_hf_adapter, local_hf_factors
 from lora_trainer.export.hf_export import export_hf
+from lora_trainer.export.snapshot import snapshot_dir, write_factors, write_job
 from lora_trainer.training.checkpoints import complete_saves, save_dir_name
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.module import LoraTrainingModule
@@ -35,6 +42,21 @@ class CheckpointExportCallback(pl.Callback):
         self.root = Path(config.output_dir) / "checkpoints"
         self.check_input_ids = check_input_ids
         self.last_saved_step = -1
+        self.background = BackgroundExports(on_finished=lambda _: self._prune())
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Saves an earlier run left without their export (killed meanwhile) get it now."""
+        pending = pending_exports(self.root) if trainer.is_global_zero else None
+        self.background.complete_later(trainer, trainer.strategy.broadcast(pending))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.background.poll(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.background.wait(trainer, "The end of training")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.background.stop()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -45,6 +67,8 @@ class CheckpointExportCallback(pl.Callback):
     def save(self, trainer: pl.Trainer, module: LoraTrainingModule, step: int) -> Path:
         if step == self.last_saved_step:
             return self.root / save_dir_name(step)
+        if self.config.export.background:
+            return self._save_in_background(trainer, module, step)
         strategy = trainer.strategy
         final = self.root / save_dir_name(step)
         staging = self.root / f".{final.name}.partial"
@@ -87,6 +111,44 @@ class CheckpointExportCallback(pl.Callback):
         self.last_saved_step = step
         return final
 
+    def _save_in_background(self, trainer: pl.Trainer, module: LoraTrainingModule, step: int) -> Path:
+        """Training state and export snapshot into `step-N`, then the export in the background."""
+        self.background.wait(trainer, f"The save of step {step}")
+        strategy = trainer.strategy
+        final = self.root / save_dir_name(step)
+        staging = self.root / f".{final.name}.partial"
+        started = time.perf_counter()
+        if trainer.is_global_zero:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        strategy.barrier("save:staging")
+        trainer.save_checkpoint(staging / "training_state", weights_only=False)
+        state_seconds = time.perf_counter() - started
+        write_factors(staging, trainer.global_rank, local_hf_factors(module.adapters, module.loaded.spec))
+        if trainer.is_global_zero:
+            export, lora = self.config.export, self.config.lora
+            write_job(
+                staging, step=step, base_dir=str(module.hf_path), snapshot_ranks=trainer.world_size,
+                write_adapter=export.adapter, write_merged=export.merged, profile=export.profile,
+                check_input_ids=self.check_input_ids.tolist() if export.check else None,
+                r=lora.r, alpha=lora.alpha, use_rslora=lora.rslora, text_prefix=module.loaded.spec.text_prefix,
+            )
+        strategy.barrier("save:snapshot")
+        if trainer.is_global_zero:
+            self._publish(staging, final)
+            self._prune()
+        strategy.barrier("save:published")
+        self.background.start(trainer, final)
+        if trainer.is_global_zero:
+            log.info(
+                "Saved step %d to %s: training blocked %.2f s (training state %.2f s, snapshot %.1f MiB); "
+                "the HF export runs in the background",
+                step, final, time.perf_counter() - started, state_seconds,
+                _directory_size(snapshot_dir(final)) / 2**20,
+            )
+        self.last_saved_step = step
+        return final
+
     @staticmethod
     def _publish(staging: Path, final: Path) -> None:
         """Rename the complete staging directory onto `final`; an older `final` (a re-save of the
@@ -100,6 +162,10 @@ class CheckpointExportCallback(pl.Callback):
 
     def _prune(self) -> None:
         saves = complete_saves(self.root)
+        exported = [save for save in saves if is_exported(save)]
+        protected = {*exported[-1:], self.background.exporting, *self.background.queue}
         for stale in saves[: max(0, len(saves) - max(1, self.config.checkpoint.keep_last))]:
+            if stale in protected:
+                continue
             shutil.rmtree(stale)
             log.info("Removed old save %s (checkpoint.keep_last=%d)", stale, self.config.checkpoint.keep_last)

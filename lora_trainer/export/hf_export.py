@@ -73,6 +73,7 @@ def export_hf(
     world_size: int = 1,
     barrier: Barrier | None = None,
     progress: bool = True,
+    started_at: float | None = None,
 ) -> dict[str, Any]:
     """Export `adapter` (full, on every rank) on the base checkpoint `base_dir` into `save_dir`.
 
@@ -81,13 +82,16 @@ def export_hf(
     written adapter and merged checkpoint (peft profile only) and records the result in the
     manifest; a failed check is logged as an error, not raised (the caller decides). `barrier`
     (needed when `world_size > 1` and `write_merged`) must block until every rank has called it.
-    Raises ExportError when anything cannot be written.
+    Raises ExportError when anything cannot be written. The manifest records `status`
+    (`complete`, or `check_failed`), `export_started_at` (`started_at`, by default when this call
+    began) and `export_finished_at` (unix seconds).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if world_size > 1 and write_merged and barrier is None:
         raise ValueError("a merged export on several ranks needs a barrier over all ranks")
     started = time.monotonic()
+    started_at = time.time() if started_at is None else started_at
     base_dir, save_dir = Path(base_dir), Path(save_dir)
     staging = save_dir / STAGING_DIR
     written: dict[str, Path] = {}
@@ -121,6 +125,11 @@ def export_hf(
         exported_dirs=written,
         check=check,
         export_seconds=export_seconds,
+    )
+    manifest.update(
+        status="check_failed" if check is not None and not check.passed else "complete",
+        export_started_at=started_at,
+        export_finished_at=time.time(),
     )
     write_manifest(manifest, save_dir)
     sizes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in manifest["sizes_bytes"].items())

@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 import torch
 
 from callbacks.checkpoint_export import CheckpointExportCallback
 from callbacks.step_progress import StepProgressBar
 from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
-from lora_trainer.training.checkpoints import complete_saves
+from lora_trainer.export.background import complete_export, pending_exports
+from lora_trainer.training.checkpoints import complete_saves, save_step
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.module import LoraTrainingModule
 from lora_trainer.training.quiet import route_lightning_logs_to_root
@@ -62,6 +63,11 @@ def check_batch(vocab_size: int) -> torch.Tensor:
 def train(config: TrainConfig, resolved: Any) -> None:
     """Train LoRA on `resolved.hf_path` with `config`; saves and exports per `config.checkpoint`."""
     route_lightning_logs_to_root()
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    resume = resolved.resume_path
+    if resume and save_step(resume) >= config.trainer.max_steps:
+        finish_exports_only(checkpoints, Path(resolved.hf_path), config.trainer.max_steps)
+        return
     p = resolved.parallel
     rank_zero_info(
         f"Training LoRA (r={config.lora.r}, {config.lora.style}) on {resolved.hf_path}: "
@@ -102,12 +108,22 @@ def train(config: TrainConfig, resolved: Any) -> None:
         num_sanity_val_steps=0,
         default_root_dir=config.output_dir,
     )
-    resume = resolved.resume_path
     ckpt_path = str(Path(resume) / "training_state") if resume else None
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    saves = complete_saves(Path(config.output_dir) / "checkpoints")
+    saves = complete_saves(checkpoints)
     if trainer.is_global_zero and saves:
         print(final_message(saves[-1], Path(resolved.hf_path)))
+
+
+def finish_exports_only(checkpoints: Path, base: Path, max_steps: int) -> None:
+    """A resume already at `trainer.max_steps`: complete the exports the earlier run left
+    unfinished (on global rank 0, in this process), print the final message, train nothing."""
+    if rank_zero_only.rank != 0:
+        return
+    log.info("The resumed save is at trainer.max_steps=%d: only completing unfinished exports", max_steps)
+    for save in pending_exports(checkpoints):
+        complete_export(save)
+    print(final_message(complete_saves(checkpoints)[-1], base))
 
 
 def final_message(save: Path, base: Path) -> str:

@@ -1,11 +1,15 @@
 """The layout of saves on disk: `OUT/checkpoints/step-N/` holding `training_state/` (one file per
 rank), `hf_adapter/`, `hf_merged/` and `export_manifest.json`. A save is complete once it carries
-its name: it is renamed into place only after everything in it was written."""
+its name: it is renamed into place only after everything in it was written. A save whose export
+runs (or was killed) in the background is complete too: it holds `training_state/` and the export
+snapshot, from which its export is completed (`lora_trainer.export.background`)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from lora_trainer.export.snapshot import has_snapshot
 
 _SAVE = re.compile(r"^step-(\d+)$")
 MANIFEST = "export_manifest.json"
@@ -20,8 +24,16 @@ def is_complete_save(path: Path) -> bool:
     return (
         _SAVE.match(path.name) is not None
         and (path / TRAINING_STATE).is_dir()
-        and (path / MANIFEST).is_file()
+        and ((path / MANIFEST).is_file() or has_snapshot(path))
     )
+
+
+def save_step(path: Path) -> int:
+    """N of a `step-N` save directory."""
+    match = _SAVE.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a step-N save directory")
+    return int(match.group(1))
 
 
 def complete_saves(root: Path) -> list[Path]:

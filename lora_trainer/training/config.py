@@ -122,12 +122,15 @@ class CheckpointSection:
 @dataclass
 class ExportSection:
     """Written into each save: hf_adapter/ (adapter) and hf_merged/ (base + LoRA folded in);
-    `check` compares the export with transformers + peft after writing it."""
+    `check` compares the export with transformers + peft after writing it; `background` makes
+    them in background processes while training goes on (`export.async` cannot be the key: `async`
+    is a Python keyword, not a dataclass field name)."""
 
     adapter: bool = True
     merged: bool = True
     profile: ExportProfile = ExportProfile.peft
     check: bool = False
+    background: bool = True
 
 
 @dataclass

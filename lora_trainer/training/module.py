@@ -129,11 +129,12 @@ class LoraTrainingModule(pl.LightningModule):
             self._append_metrics(metrics)
 
     def _append_metrics(self, metrics: dict[str, float]) -> None:
-        """One JSON line per step in `output_dir/train_log.jsonl`, readable without any logger."""
+        """One JSON line per step in `output_dir/train_log.jsonl` (with `time`, unix seconds),
+        readable without any logger."""
         path = Path(self.config.output_dir) / "train_log.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as log_file:
-            log_file.write(json.dumps({"step": self.trainer.global_step, **metrics}) + "\n")
+            log_file.write(json.dumps({"step": self.trainer.global_step, "time": time.time(), **metrics}) + "\n")
 
     def _global_loss(self, losses: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Token-weighted mean loss over the global batch and its trained-token count, on every
