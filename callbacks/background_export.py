@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lora_trainer.errors import ExportError
-from lora_trainer.export.background import ExportWorker, failure_messages, reset_export
+from lora_trainer.export.background import ExportWorker, discard_snapshot, failure_messages, reset_export
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class BackgroundExports:
         if self.worker is not None:
             finished, self.worker = self.worker.save_dir, None
             if trainer.is_global_zero:
+                discard_snapshot(finished)
                 log.info("HF export of %s finished", finished)
                 self.on_finished(finished)
         if self.queue:

@@ -9,8 +9,10 @@ of marker files in the snapshot directory instead of collectives:
 - worker K writes merged shard files K, K + W, ... and reads from the snapshot only the factors of
   the modules those shards hold (so its memory follows its share, not the adapter);
 - worker 0 also writes `hf_adapter/`, moves the shards into `hf_merged/` (each directory renamed
-  into place only when complete), runs the check, writes `export_manifest.json` last and then
-  removes the snapshot.
+  into place only when complete), runs the check and writes `export_manifest.json` last.
+
+Once every worker has exited, the training process removes the snapshot (`discard_snapshot`; a
+worker cannot: the others may still be reading its last barrier's markers).
 
 A worker that fails writes `failed-rank-K` (its message) into the snapshot directory; the others
 stop at their next barrier. The snapshot stays until the manifest is written, so a killed or
@@ -151,7 +153,6 @@ def _export_share(save_dir: Path, rank: int, world_size: int, parent_pid: int | 
     check = manifest.get("check")
     if job.check_input_ids is not None and check is not None and not check.get("passed"):
         raise ExportError(f"the export check of step {job.step} failed: {check.get('message', check)}")
-    shutil.rmtree(snapshot_dir(save_dir), ignore_errors=True)
 
 
 def _modules_of_share(reader: SnapshotReader, base_dir: Path, rank: int, world_size: int) -> set[str]:
@@ -174,6 +175,13 @@ def complete_export(save_dir: Path) -> None:
     reset_export(save_dir)
     logger.info("Completing the HF export of %s", save_dir)
     run_export_share(save_dir)
+    discard_snapshot(save_dir)
+
+
+def discard_snapshot(save_dir: Path) -> None:
+    """Remove the snapshot of an exported save (kept while the export is unfinished)."""
+    if is_exported(save_dir):
+        shutil.rmtree(snapshot_dir(save_dir), ignore_errors=True)
 
 
 class ExportWorker:

@@ -1,0 +1,231 @@
+"""Background exports (`export.background=true`): workers that make a save's export from its
+snapshot equal the synchronous export bit for bit; training runs whose export is killed or whose
+disk fills up in the background; `python -m lora_trainer.export SAVE_DIR`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.errors import ExportError
+from lora_trainer.export.background import FileBarrier, failure_messages, run_export_share
+from lora_trainer.export.hf_export import export_hf
+from lora_trainer.export.hf_lora import HFAdapter
+from lora_trainer.export.snapshot import SNAPSHOT_DIR, SnapshotReader, read_job, snapshot_dir, write_factors, write_job
+from tests.checkpoints import KIND_MOE_VL
+from tests.export_fixtures import make_base
+from tests.test_training import COMMON, REPO
+
+EXPORTED = ("hf_adapter", "hf_merged")
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_same_exports(save: Path, reference: Path) -> None:
+    for name in EXPORTED:
+        ours, theirs = _files(save / name), _files(reference / name)
+        assert sorted(ours) == sorted(theirs), name
+        different = [file for file in theirs if ours[file] != theirs[file]]
+        assert not different, f"{name}: {different}"
+
+
+def _snapshot_of(adapter: HFAdapter, save: Path, base: Path, ranks: int, check: torch.Tensor | None) -> None:
+    """`adapter` as `ranks` ranks would snapshot it: experts dealt out by index, linears on rank 0,
+    and one linear on every rank (a data-parallel replica's copy)."""
+    replicated = next(iter(adapter.linears))
+    for rank in range(ranks):
+        factors = {(m, None): (w.a, w.b) for m, w in adapter.linears.items() if rank == 0 or m == replicated}
+        for module, weights in adapter.experts.items():
+            for expert in range(rank, weights.a.shape[0], ranks):
+                factors[(module, expert)] = (weights.a[expert], weights.b[expert])
+        write_factors(save, rank, factors)
+    write_job(
+        save, step=7, base_dir=str(base), snapshot_ranks=ranks, write_adapter=True, write_merged=True,
+        profile="peft", check_input_ids=None if check is None else check.tolist(), r=adapter.r,
+        alpha=adapter.alpha, use_rslora=adapter.use_rslora, text_prefix=adapter.text_prefix,
+    )
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, HFAdapter]:
+    path, adapter = make_base(
+        KIND_MOE_VL, tmp_path_factory.mktemp("base") / "moe_vl", dtype=torch.bfloat16,
+        packed_experts=True, with_mtp=True, shards=3,
+    )
+    return path, HFAdapter(**{**adapter.__dict__, "base_model_name_or_path": str(path)})
+
+
+def test_two_workers_from_a_snapshot_equal_the_synchronous_export(base: tuple[Path, HFAdapter], tmp_path: Path) -> None:
+    path, adapter = base
+    reference = tmp_path / "sync"
+    export_hf(adapter, path, reference, step=7, progress=False)
+
+    save = tmp_path / "background"
+    _snapshot_of(adapter, save, path, ranks=2, check=None)
+    reader = SnapshotReader(save, read_job(save))
+    loaded = reader.load_adapter()
+    assert loaded.linears.keys() == adapter.linears.keys() and loaded.experts.keys() == adapter.experts.keys()
+    for key, weights in (*adapter.linears.items(), *adapter.experts.items()):
+        got = loaded.linears.get(key) or loaded.experts[key]
+        assert torch.equal(got.a, weights.a) and torch.equal(got.b, weights.b), key
+
+    errors: list[BaseException] = []
+
+    def worker(rank: int) -> None:
+        try:
+            run_export_share(save, rank, 2)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in (1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert_same_exports(save, reference)
+    manifest = json.loads((save / "export_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["step"] == 7
+    assert manifest["export_started_at"] <= manifest["export_finished_at"] <= time.time()
+    assert manifest["files"] == json.loads((reference / "export_manifest.json").read_text())["files"]
+
+
+def test_a_worker_share_reads_only_its_modules(base: tuple[Path, HFAdapter], tmp_path: Path) -> None:
+    from lora_trainer.export.background import _modules_of_share
+
+    path, adapter = base
+    _snapshot_of(adapter, tmp_path, path, ranks=2, check=None)
+    reader = SnapshotReader(tmp_path, read_job(tmp_path))
+    shares = [_modules_of_share(reader, path, rank, 3) for rank in range(3)]
+    everything = {*adapter.linears, *adapter.experts}
+    assert set().union(*shares) == everything
+    assert all(0 < len(share) < len(everything) for share in shares)
+    assert not (shares[0] & shares[1]) and not (shares[1] & shares[2])
+
+
+def test_a_failed_worker_stops_the_others_at_their_barrier(tmp_path: Path) -> None:
+    (tmp_path / SNAPSHOT_DIR).mkdir()
+    barrier = FileBarrier(snapshot_dir(tmp_path), rank=0, world_size=2)
+    (snapshot_dir(tmp_path) / "failed-rank-00001").write_text("disk full while writing x\n")
+    with pytest.raises(ExportError, match="another export worker failed: disk full while writing x"):
+        barrier()
+    assert failure_messages(tmp_path) == ["disk full while writing x"]
+
+
+# End to end: `python train.py` on 2 ranks (the default EP=2 layout of the tiny MoE).
+
+def _env(output_dir: Path, pythonpath: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(TORCHDYNAMO_DISABLE="1", HOME=str(output_dir))
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _command(output_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "train.py", f"output_dir={output_dir}", "logger=none", *COMMON, *overrides]
+
+
+def run_train(output_dir: Path, *overrides: str, pythonpath: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _command(output_dir, *overrides), cwd=REPO, env=_env(output_dir, pythonpath),
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def export_cli(save: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lora_trainer.export", str(save)], cwd=REPO, env=_env(save),
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def _ok(run: subprocess.CompletedProcess[str]) -> str:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return run.stdout + run.stderr
+
+
+STEPS = ["trainer.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=2"]
+
+
+@pytest.fixture(scope="module")
+def synchronous_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synchronous")
+    _ok(run_train(out, *STEPS, "export.background=false"))
+    return out / "checkpoints"
+
+
+def test_background_saves_equal_synchronous_saves(synchronous_run: Path, tmp_path: Path) -> None:
+    output = _ok(run_train(tmp_path, *STEPS, "export.check=true"))
+    assert "the HF export runs in the background" in output
+    assert output.index("HF export of step 4") < output.index("Training done")
+    for step in (2, 4):
+        save = tmp_path / "checkpoints" / f"step-{step}"
+        assert sorted(p.name for p in save.iterdir()) == ["export_manifest.json", *EXPORTED, "training_state"]
+        assert_same_exports(save, synchronous_run / f"step-{step}")
+        manifest = json.loads((save / "export_manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["check"]["passed"]
+        assert manifest["export_started_at"] <= manifest["export_finished_at"]
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    times = [record["time"] for record in records]
+    assert len(records) == 4 and times == sorted(times) and times[-1] <= time.time()
+
+
+def test_killed_background_export_is_completed_by_resume(synchronous_run: Path, tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        _command(tmp_path, "trainer.max_steps=2", "checkpoint.every_n_steps=2"), cwd=REPO, env=_env(tmp_path),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    save = tmp_path / "checkpoints" / "step-2"
+    deadline = time.monotonic() + 300
+    while not (save / SNAPSHOT_DIR / "job.json").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (save / "training_state").is_dir() and not (save / "export_manifest.json").exists()
+
+    output = _ok(run_train(tmp_path, "trainer.max_steps=2", "checkpoint.every_n_steps=2", "resume=latest"))
+    assert "only completing unfinished exports" in output and "Training done" in output
+    assert_same_exports(save, synchronous_run / "step-2")
+    assert sorted(p.name for p in save.iterdir()) == ["export_manifest.json", *EXPORTED, "training_state"]
+
+
+_FULL_DISK = """
+import errno, os, sys
+if "lora_trainer.export" in sys.orig_argv and any(arg.endswith("step-2") for arg in sys.orig_argv):
+    def _disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    os.sendfile = _disk_full
+"""
+
+
+def test_full_disk_in_the_background_stops_training_and_keeps_earlier_saves(tmp_path: Path) -> None:
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_FULL_DISK)
+    out = tmp_path / "run"
+    run = run_train(out, "trainer.max_steps=3", "checkpoint.every_n_steps=1", pythonpath=str(inject))
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "the background HF export of" in output and "disk full while writing" in output
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-1", "step-2"]
+    assert sorted(p.name for p in (root / "step-1").iterdir()) == ["export_manifest.json", *EXPORTED, "training_state"]
+    assert sorted(p.name for p in (root / "step-2").iterdir()) == [SNAPSHOT_DIR, "training_state"]
+
+    shutil.rmtree(inject)
+    assert "Completing the HF export" in _ok(export_cli(root / "step-2"))
+    assert sorted(p.name for p in (root / "step-2").iterdir()) == ["export_manifest.json", *EXPORTED, "training_state"]
+    assert json.loads((root / "step-2" / "export_manifest.json").read_text())["status"] == "complete"
