@@ -26,6 +26,7 @@ bench: $(STAMP)
 	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/kernel_speed.py
 	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/model_speed.py --threads 1
 	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/export_speed.py
+	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/save_blocking.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -179,6 +179,7 @@ OVERRIDES: list[tuple[str, str, object]] = [
     ("export.merged=false", "export.merged", False),
     ("export.profile=per_expert", "export.profile", "per_expert"),
     ("export.check=true", "export.check", True),
+    ("export.background=false", "export.background", False),
     ("output_dir=/runs/b", "output_dir", "/runs/b"),
     ("resume=latest", "resume", "latest"),
     ("logger=none", "logger.kind", "none"),
