@@ -184,22 +184,32 @@ def test_background_saves_equal_synchronous_saves(synchronous_run: Path, tmp_pat
 
 
 def test_killed_background_export_is_completed_by_resume(synchronous_run: Path, tmp_path: Path) -> None:
+    killed = tmp_path / "killed"
     process = subprocess.Popen(
-        _command(tmp_path, "trainer.max_steps=2", "checkpoint.every_n_steps=2"), cwd=REPO, env=_env(tmp_path),
+        _command(killed, "trainer.max_steps=2", "checkpoint.every_n_steps=2"), cwd=REPO, env=_env(killed),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    save = tmp_path / "checkpoints" / "step-2"
+    save = killed / "checkpoints" / "step-2"
     deadline = time.monotonic() + 300
     while not (save / SNAPSHOT_DIR / "job.json").is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert (save / "training_state").is_dir() and not (save / "export_manifest.json").exists()
+    longer = tmp_path / "longer"
+    shutil.copytree(killed, longer)
 
-    output = _ok(run_train(tmp_path, "trainer.max_steps=2", "checkpoint.every_n_steps=2", "resume=latest"))
+    output = _ok(run_train(killed, "trainer.max_steps=2", "checkpoint.every_n_steps=2", "resume=latest"))
     assert "only completing unfinished exports" in output and "Training done" in output
     assert_same_exports(save, synchronous_run / "step-2")
     assert sorted(p.name for p in save.iterdir()) == ["export_manifest.json", *EXPORTED, "training_state"]
+
+    output = _ok(run_train(longer, *STEPS, "resume=latest"))
+    assert "Completing the HF export of step-2 in the background" in output
+    assert_same_exports(longer / "checkpoints" / "step-2", synchronous_run / "step-2")
+    for step in (2, 4):
+        manifest = json.loads((longer / "checkpoints" / f"step-{step}" / "export_manifest.json").read_text())
+        assert manifest["status"] == "complete"
 
 
 _FULL_DISK = """

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 FAILED_MARKER = "failed-rank-{rank:05d}"
 _BARRIER_MARKER = "barrier-{count}-rank-{rank:05d}"
 _POLL_S = 0.05
+_PR_SET_PDEATHSIG = 1
 # The first words of the message of a worker that stopped because another one failed.
 _OTHER_FAILED = "another export worker failed"
 
@@ -109,8 +110,11 @@ def reset_export(save_dir: Path) -> None:
 
 def run_export_share(save_dir: Path, rank: int = 0, world_size: int = 1, parent_pid: int | None = None) -> None:
     """Worker `rank` of `world_size` of the export of `save_dir` (the module docstring); with
-    world_size 1 the whole export. Raises ExportError, after writing this worker's failure marker."""
+    world_size 1 the whole export. Raises ExportError, after writing this worker's failure marker.
+    A worker started by the training process `parent_pid` dies with it (on Linux)."""
     save_dir = Path(save_dir)
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     try:
         _export_share(save_dir, rank, world_size, parent_pid)
     except Exception as error:
@@ -122,6 +126,17 @@ def run_export_share(save_dir: Path, rank: int = 0, world_size: int = 1, parent_
         if isinstance(error, ExportError):
             raise
         raise ExportError(f"the export of {save_dir} failed: {type(error).__name__}: {error}") from error
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux), so that a killed run leaves
+    no worker that a later completion of the same export would race; exit if it is already gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        raise SystemExit(1)
 
 
 def _export_share(save_dir: Path, rank: int, world_size: int, parent_pid: int | None) -> None:
