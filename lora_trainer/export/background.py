@@ -185,6 +185,7 @@ def complete_export(save_dir: Path) -> None:
     save_dir = Path(save_dir).absolute()
     if is_exported(save_dir):
         logger.info("%s is already exported (%s)", save_dir, MANIFEST_FILE)
+        discard_snapshot(save_dir)
         return
     read_job(save_dir)
     reset_export(save_dir)
