@@ -22,6 +22,8 @@ from lora_trainer.export.background import FileBarrier, failure_messages, run_ex
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.hf_lora import HFAdapter
 from lora_trainer.export.snapshot import SNAPSHOT_DIR, SnapshotReader, read_job, snapshot_dir, write_factors, write_job
+from callbacks.checkpoint_export import CheckpointExportCallback
+from lora_trainer.training.config import CheckpointSection, TrainConfig
 from tests.checkpoints import KIND_MOE_VL
 from tests.export_fixtures import make_base
 from tests.test_training import COMMON, REPO
@@ -122,6 +124,25 @@ def test_a_failed_worker_stops_the_others_at_their_barrier(tmp_path: Path) -> No
     with pytest.raises(ExportError, match="another export worker failed: disk full while writing x"):
         barrier()
     assert failure_messages(tmp_path) == ["disk full while writing x"]
+
+
+def test_pruning_keeps_saves_whose_export_is_unfinished_and_the_newest_exported_one(tmp_path: Path) -> None:
+    config = TrainConfig(output_dir=str(tmp_path), checkpoint=CheckpointSection(every_n_steps=1, keep_last=1))
+    callback = CheckpointExportCallback(config, None)
+    for step in range(1, 5):
+        save = tmp_path / "checkpoints" / f"step-{step}"
+        (save / "training_state").mkdir(parents=True)
+        if step <= 2:
+            (save / "export_manifest.json").write_text("{}")
+        else:
+            (save / SNAPSHOT_DIR).mkdir()
+            (save / SNAPSHOT_DIR / "job.json").write_text("{}")
+    callback.background.queue.append(tmp_path / "checkpoints" / "step-3")
+    callback._prune()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-3", "step-4"]
+    callback.background.queue.clear()
+    callback._prune()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
 # End to end: `python train.py` on 2 ranks (the default EP=2 layout of the tiny MoE).
