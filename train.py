@@ -11,31 +11,42 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from lora_trainer.errors import LoraTrainerError  # noqa: E402
+from lora_trainer.training.failures import exit_after_launch, exit_before_launch  # noqa: E402
 from lora_trainer.training.hydra_schema import check_command_line, register_schema, to_train_config  # noqa: E402
-from lora_trainer.training.launch import is_relaunched_rank  # noqa: E402
-from lora_trainer.training.validate import resolve_run, validate_config  # noqa: E402
+from lora_trainer.training.launch import is_first_process, is_relaunched_rank  # noqa: E402
+from lora_trainer.training.prepare import prepared_run  # noqa: E402
+from lora_trainer.training.validate import resolve_run  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 register_schema()
 
 
-def fail(err: LoraTrainerError) -> None:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-
-
 @hydra.main(config_path="conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
-    """Validate (in the process the user started; relaunched ranks only resolve), then train."""
+    """Validate and prepare the output folder (in the process the user started; relaunched ranks
+    only resolve), then train; any failure ends in one `error:` line (failures.py)."""
+    launched_in: Path | None = None
     try:
         config = to_train_config(cfg)
-        resolved = resolve_run(config) if is_relaunched_rank() else validate_config(config)
-    except LoraTrainerError as err:
-        fail(err)
-    from lora_trainer.training.app import train
+        if is_relaunched_rank():
+            resolved = resolve_run(config)
+            from lora_trainer.training.app import train
 
-    train(config, resolved)
+            launched_in = resolved.output_dir
+            train(config, resolved)
+            return
+        with prepared_run(config, first=is_first_process()) as resolved:
+            from lora_trainer.training.app import train
+
+            launched_in = resolved.output_dir
+            train(config, resolved)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # noqa: BLE001 - every failure ends in one line
+        if launched_in is None:
+            exit_before_launch(error)
+        exit_after_launch(error, launched_in)
 
 
 if __name__ == "__main__":
@@ -43,5 +54,5 @@ if __name__ == "__main__":
         try:
             check_command_line(sys.argv[1:], CONF_DIR)
         except LoraTrainerError as err:
-            fail(err)
+            exit_before_launch(err)
     main()

@@ -2,7 +2,8 @@
 `OUT/checkpoints/step-N/` with the training state of every rank, the HF adapter and/or merged
 checkpoint and the export manifest, atomically: everything goes into a staging sibling that is
 renamed to `step-N` only when complete. Then it prunes old saves down to `checkpoint.keep_last`,
-never deleting the newest exported one nor the one being exported.
+never deleting the newest exported one, the ones being exported, nor the one the run resumed
+from; only intact saves count (`saves_to_prune`).
 
 With `export.background=true` (`_save_in_background`) the save holds the training state and the export snapshot
 when it is renamed to `step-N`; the HF export is then made inside it by background workers
@@ -25,7 +26,7 @@ from lora_trainer.export.background import is_exported, pending_exports
 from lora_trainer.export.gather_adapter import gather_hf_adapter, local_hf_factors
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.snapshot import snapshot_dir, write_factors, write_job
-from lora_trainer.training.checkpoints import complete_saves, save_dir_name
+from lora_trainer.training.checkpoints import complete_saves, save_dir_name, saves_to_prune
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.module import LoraTrainingModule
 
@@ -37,8 +38,11 @@ def _directory_size(path: Path) -> int:
 
 
 class CheckpointExportCallback(pl.Callback):
-    def __init__(self, config: TrainConfig, check_input_ids: torch.Tensor | None) -> None:
+    def __init__(
+        self, config: TrainConfig, check_input_ids: torch.Tensor | None, resumed_from: Path | None = None
+    ) -> None:
         self.config = config
+        self.resumed_from = resumed_from
         self.root = Path(config.output_dir) / "checkpoints"
         self.check_input_ids = check_input_ids
         self.last_saved_step = -1
@@ -163,9 +167,9 @@ class CheckpointExportCallback(pl.Callback):
     def _prune(self) -> None:
         saves = complete_saves(self.root)
         exported = [save for save in saves if is_exported(save)]
-        protected = {*exported[-1:], self.background.exporting, *self.background.queue}
-        for stale in saves[: max(0, len(saves) - max(1, self.config.checkpoint.keep_last))]:
-            if stale in protected:
-                continue
+        resumed = [self.resumed_from] if self.resumed_from else []
+        protected = {*exported[-1:], self.background.exporting, *self.background.queue, *resumed}
+        keep = frozenset(path for path in protected if path is not None)
+        for stale in saves_to_prune(self.root, self.config.checkpoint.keep_last, keep):
             shutil.rmtree(stale)
             log.info("Removed old save %s (checkpoint.keep_last=%d)", stale, self.config.checkpoint.keep_last)

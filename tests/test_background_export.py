@@ -23,6 +23,7 @@ from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.hf_lora import HFAdapter
 from lora_trainer.export.snapshot import SNAPSHOT_DIR, SnapshotReader, read_job, snapshot_dir, write_factors, write_job
 from callbacks.checkpoint_export import CheckpointExportCallback
+from lora_trainer.training.checkpoints import write_state_manifest
 from lora_trainer.training.config import CheckpointSection, TrainConfig
 from tests.checkpoints import KIND_MOE_VL
 from tests.export_fixtures import make_base
@@ -132,8 +133,9 @@ def test_pruning_keeps_saves_whose_export_is_unfinished_and_the_newest_exported_
     for step in range(1, 5):
         save = tmp_path / "checkpoints" / f"step-{step}"
         (save / "training_state").mkdir(parents=True)
+        write_state_manifest(save / "training_state", step=step, world_size=0, settings={})
         if step <= 2:
-            (save / "export_manifest.json").write_text("{}")
+            (save / "export_manifest.json").write_text('{"files": {}, "sizes_bytes": {}}')
         else:
             (save / SNAPSHOT_DIR).mkdir()
             (save / SNAPSHOT_DIR / "job.json").write_text("{}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
@@ -33,7 +34,9 @@ from lora_trainer.qwen35.tiny import ensure_tiny_checkpoint, tiny_checkpoint_pat
 from lora_trainer.training import choices
 from lora_trainer.training.config import ExportSection, LoggerSection, ModelConfig, TrainConfig
 from lora_trainer.training.hydra_schema import config_keys, register_schema, to_train_config
+from lora_trainer.training.checkpoints import write_state_manifest
 from lora_trainer.training.launch import is_relaunched_rank
+from lora_trainer.training.resume import run_settings
 from lora_trainer.training.validate import is_complete_save, resolve_run, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,26 +360,32 @@ def test_unreadable_and_bad_data_files(config_with, tmp_path: Path) -> None:
     assert run.train_path == run.val_path == good
 
 
-def make_save(directory: Path, complete: bool = True) -> Path:
-    (directory / "training_state").mkdir(parents=True)
+def make_save(directory: Path, config: TrainConfig, complete: bool = True) -> Path:
+    """A save whose manifests list two (empty) rank files and no exports."""
+    state = directory / "training_state"
+    state.mkdir(parents=True)
+    for rank in range(2):
+        torch.save({}, state / f"rank-{rank:05d}.pt")
+    run = resolve_run(config)
+    write_state_manifest(state, step=1, world_size=2, settings=run_settings(config, run.hf_path, 2, run.parallel))
     if complete:
-        (directory / "export_manifest.json").write_text("{}")
+        (directory / "export_manifest.json").write_text('{"files": {}, "sizes_bytes": {}}')
     return directory
 
 
 def test_resume_latest_picks_the_newest_complete_save(config_with, tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="lora_trainer.training.validate")
+    caplog.set_level(logging.INFO, logger="lora_trainer.training.resume")
     assert validate_config(config_with("resume=latest")).resume_path is None
     assert "starting fresh" in caplog.text
     checkpoints = tmp_path / "out" / "checkpoints"
     for step in (5, 10, 20):
-        make_save(checkpoints / f"step-{step}")
-    make_save(checkpoints / "step-30", complete=False)
-    make_save(checkpoints / "step-40-old")
+        make_save(checkpoints / f"step-{step}", config_with())
+    make_save(checkpoints / "step-30", config_with(), complete=False)
+    make_save(checkpoints / "step-40-old", config_with())
     assert validate_config(config_with("resume=latest")).resume_path == checkpoints / "step-20"
     assert validate_config(config_with(f"resume={checkpoints / 'step-5'}")).resume_path == checkpoints / "step-5"
     assert not is_complete_save(checkpoints / "step-30")
-    with pytest.raises(CheckpointError, match=r"resume=.*not a complete save"):
+    with pytest.raises(CheckpointError, match=r"resume=.*not an intact save"):
         validate_config(config_with(f"resume={checkpoints / 'step-30'}"))
 
 

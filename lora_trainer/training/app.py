@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -17,10 +18,11 @@ from callbacks.step_progress import StepProgressBar
 from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
 from lora_trainer.export.background import complete_export, pending_exports
-from lora_trainer.training.checkpoints import complete_saves, save_step
+from lora_trainer.training.checkpoints import is_complete_save, step_of
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.module import LoraTrainingModule
 from lora_trainer.training.quiet import route_lightning_logs_to_root
+from lora_trainer.training.resume import run_settings
 from lora_trainer.training.strategy import MegatronStrategy
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,8 @@ def train(config: TrainConfig, resolved: Any) -> None:
     route_lightning_logs_to_root()
     checkpoints = Path(config.output_dir) / "checkpoints"
     resume = resolved.resume_path
-    if resume and save_step(resume) >= config.trainer.max_steps:
-        finish_exports_only(checkpoints, Path(resolved.hf_path), config.trainer.max_steps)
+    if resume and (step_of(resume) or 0) >= config.trainer.max_steps:
+        finish_exports_only(config, checkpoints, resume, Path(resolved.hf_path))
         return
     p = resolved.parallel
     rank_zero_info(
@@ -88,13 +90,17 @@ def train(config: TrainConfig, resolved: Any) -> None:
         seed=config.data.seed,
     )
     module = LoraTrainingModule(config, str(resolved.hf_path), resolved.num_microbatches, resolved.parallel)
-    saver = CheckpointExportCallback(config, check_batch(resolved.spec.vocab_size))
+    saver = CheckpointExportCallback(config, check_batch(resolved.spec.vocab_size), resolved.resume_path)
     validate = bool(config.data.val_path) and config.trainer.val_every_n_steps > 0
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=config.trainer.devices,
         num_nodes=config.trainer.num_nodes,
-        strategy=MegatronStrategy(resolved.parallel, seed=config.seed),
+        strategy=MegatronStrategy(
+            resolved.parallel,
+            seed=config.seed,
+            save_settings=run_settings(config, Path(resolved.hf_path), resolved.world_size, resolved.parallel),
+        ),
         max_steps=config.trainer.max_steps,
         precision="32-true",
         logger=build_logger(config),
@@ -110,29 +116,46 @@ def train(config: TrainConfig, resolved: Any) -> None:
     )
     ckpt_path = str(Path(resume) / "training_state") if resume else None
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    saves = complete_saves(checkpoints)
-    if trainer.is_global_zero and saves:
-        print(final_message(saves[-1], Path(resolved.hf_path)))
+    save = resolved.save_dir(saver.last_saved_step) if saver.last_saved_step >= 0 else resume
+    if trainer.is_global_zero and save is not None and is_complete_save(save):
+        print(final_message(save, Path(resolved.hf_path), config.export.adapter, config.export.merged))
 
 
-def finish_exports_only(checkpoints: Path, base: Path, max_steps: int) -> None:
+def finish_exports_only(config: TrainConfig, checkpoints: Path, resume: Path, base: Path) -> None:
     """A resume already at `trainer.max_steps`: complete the exports the earlier run left
     unfinished (on global rank 0, in this process), print the final message, train nothing."""
     if rank_zero_only.rank != 0:
         return
-    log.info("The resumed save is at trainer.max_steps=%d: only completing unfinished exports", max_steps)
+    log.info(
+        "The resumed save is at trainer.max_steps=%d: only completing unfinished exports", config.trainer.max_steps
+    )
     for save in pending_exports(checkpoints):
         complete_export(save)
-    print(final_message(complete_saves(checkpoints)[-1], base))
+    print(final_message(resume, base, config.export.adapter, config.export.merged))
 
 
-def final_message(save: Path, base: Path) -> str:
-    """Where the exports are and how to load them."""
-    return (
-        f"\nTraining done. Latest save: {save}\n"
-        f"  adapter (PEFT):  {save / 'hf_adapter'}\n"
-        f"  merged (HF):     {save / 'hf_merged'}\n"
-        "Load the adapter:  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
-        f"'{base}'), '{save / 'hf_adapter'}')\n"
-        f"Load merged:       AutoModelForCausalLM.from_pretrained('{save / 'hf_merged'}')\n"
-    )
+def auto_class(base: Path) -> str:
+    """The transformers Auto class that loads `base` whole: ...ForConditionalGeneration
+    checkpoints (vision tower included) load with AutoModelForImageTextToText."""
+    architectures = json.loads((base / "config.json").read_text()).get("architectures") or []
+    if any(name.endswith("ForConditionalGeneration") for name in architectures):
+        return "AutoModelForImageTextToText"
+    return "AutoModelForCausalLM"
+
+
+def final_message(save: Path, base: Path, adapter: bool, merged: bool) -> str:
+    """Where this run's last save and its exports are, and how to load them."""
+    model = auto_class(base)
+    lines = [f"\nTraining done. Latest save: {save}"]
+    if adapter:
+        lines.append(f"  adapter (PEFT):  {save / 'hf_adapter'}")
+    if merged:
+        lines.append(f"  merged (HF):     {save / 'hf_merged'}")
+    if adapter:
+        lines.append(
+            f"Load the adapter:  PeftModel.from_pretrained({model}.from_pretrained('{base}'), "
+            f"'{save / 'hf_adapter'}')"
+        )
+    if merged:
+        lines.append(f"Load merged:       {model}.from_pretrained('{save / 'hf_merged'}')")
+    return "\n".join(lines) + "\n"

@@ -18,3 +18,9 @@ def is_relaunched_rank(environ: Mapping[str, str] = os.environ) -> bool:
     """True in a local-rank process that Lightning's subprocess launcher started."""
     local_rank = environ.get("LOCAL_RANK", "0")
     return local_rank not in ("", "0") and "GROUP_RANK" not in environ
+
+
+def is_first_process(environ: Mapping[str, str] = os.environ) -> bool:
+    """The process of global rank 0 before launch: the one `python train.py` started, or rank 0
+    of torchrun (`RANK`) or srun (`SLURM_PROCID`). It takes the output_dir lock and prepares it."""
+    return not is_relaunched_rank(environ) and environ.get("RANK", environ.get("SLURM_PROCID", "0")) in ("", "0")

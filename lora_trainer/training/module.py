@@ -24,6 +24,7 @@ from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.loss import masked_token_loss
 from lora_trainer.training.optim import build_optimizer, clip_gradients, warmup_cosine
+from lora_trainer.training.resume import TRAIN_LOG
 
 def params_dtype(name: str) -> torch.dtype:
     """`auto`: bf16 on GPU, fp32 on CPU (names checked against MODEL_DTYPES before launch)."""
@@ -112,6 +113,7 @@ class LoraTrainingModule(pl.LightningModule):
         for param in params:
             param.grad = param.main_grad.to(param.dtype)
         norm = clip_gradients(params, self.config.optim.clip_grad)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         self.scheduler.step()
         loss, tokens = self._global_loss(losses)
@@ -119,7 +121,7 @@ class LoraTrainingModule(pl.LightningModule):
         elapsed = time.perf_counter() - start
         metrics = {
             "train/loss": loss,
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": lr,
             "train/grad_norm": norm.item(),
             "train/tokens_per_s": tokens / elapsed,
             "train/tokens_seen": float(self.tokens_seen),
@@ -131,7 +133,7 @@ class LoraTrainingModule(pl.LightningModule):
     def _append_metrics(self, metrics: dict[str, float]) -> None:
         """One JSON line per step in `output_dir/train_log.jsonl` (with `time`, unix seconds),
         readable without any logger."""
-        path = Path(self.config.output_dir) / "train_log.jsonl"
+        path = Path(self.config.output_dir) / TRAIN_LOG
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as log_file:
             log_file.write(json.dumps({"step": self.trainer.global_step, "time": time.time(), **metrics}) + "\n")
@@ -176,6 +178,13 @@ class LoraTrainingModule(pl.LightningModule):
         self.log_dict(metrics, rank_zero_only=True, batch_size=1)
         if self.trainer.is_global_zero:
             self._append_metrics(metrics)
+
+    def on_train_start(self) -> None:
+        """Set the learning rate of the next step from this run's schedule: a resume restores the
+        rate the saved run's schedule set, which differs when trainer.max_steps changed."""
+        scheduler = self.scheduler
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen

@@ -6,26 +6,20 @@ the tiny model when the config asks for it, reads the data files through, and re
 `ResolvedRun` that every rank trains with. `resolve_run` computes the same `ResolvedRun` without
 building or reading data, for the local ranks Lightning relaunches after validation passed.
 
-Save layout under `output_dir` (what `resume` refers to; `lora_trainer.training.checkpoints`)::
-
-    OUT/checkpoints/step-N/
-        training_state/        the training checkpoint: adapter, optimizer, loop and data state
-        hf_adapter/            the PEFT adapter (export.adapter)
-        hf_merged/             the merged Hugging Face checkpoint (export.merged)
-        export_manifest.json   what was exported, from which base; see `lora_trainer.export.manifest`
-
-A save is complete (`is_complete_save`) when it is named `step-N` and holds `training_state/` and
-`export_manifest.json`. `resume=latest` picks the complete save with the highest N, or starts
-fresh when there is none; `resume=<path>` must name a complete save.
+Saves and resume: `lora_trainer.training.checkpoints` (the layout, intact saves) and
+`lora_trainer.training.resume` (which save `resume` names, and the checks against it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import get_args
 
+from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.data.jsonl import read_jsonl
 from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
 from lora_trainer.errors import CheckpointError, ConfigError, DataError, ParallelConfigError
@@ -35,22 +29,16 @@ from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35.parallel_fit import check_parallel_fits
 from lora_trainer.qwen35.spec import Qwen35Spec
 from lora_trainer.qwen35.tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
-from lora_trainer.training.checkpoints import (
-    MANIFEST,
-    TRAINING_STATE,
-    complete_saves,
-    is_complete_save,
-    save_dir_name,
-)
+from lora_trainer.training.checkpoints import is_complete_save, save_dir_name
 from lora_trainer.training.choices import LoggerKind, ModelDtype
 from lora_trainer.training.config import TrainConfig
+from lora_trainer.training.resume import check_resume, find_resume
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ResolvedRun", "is_complete_save", "resolve_run", "validate_config"]
 
 CHECKPOINTS_DIR = "checkpoints"
-RESUME_LATEST = "latest"
 EXPORT_PROFILES: tuple[str, ...] = get_args(Profile)
 LOGGER_KINDS: tuple[str, ...] = tuple(LoggerKind)
 MODEL_DTYPES: tuple[str, ...] = tuple(ModelDtype)
@@ -96,9 +84,12 @@ class ResolvedRun:
 def validate_config(config: TrainConfig) -> ResolvedRun:
     """Check everything checkable before ranks start; build the tiny model if it is used."""
     run = _resolve(config, build_tiny=True)
+    _check_shards(run.hf_path)
     _check_data("data.train_path", run.train_path)
     if run.val_path is not None:
         _check_data("data.val_path", run.val_path)
+    if run.resume_path is not None:
+        check_resume(run.resume_path, config, run.hf_path, run.world_size, run.parallel)
     return run
 
 
@@ -134,7 +125,7 @@ def _resolve(config: TrainConfig, build_tiny: bool) -> ResolvedRun:
         train_path=_data_path(config.data.train_path) or TINY_SFT_PATH,
         val_path=_data_path(config.data.val_path),
         output_dir=output_dir,
-        resume_path=_resume_path(config.resume, output_dir),
+        resume_path=find_resume(config.resume, output_dir / CHECKPOINTS_DIR, announce=build_tiny),
     )
 
 
@@ -208,6 +199,38 @@ def _spec(hf_path: Path) -> Qwen35Spec:
     return spec
 
 
+def _check_shards(hf_path: Path) -> None:
+    """Every safetensors file of the model has a readable header and the size it announces."""
+    with CheckpointReader(hf_path) as reader:
+        files = sorted({reader.file_of(name) for name in reader.names()})
+    for file in files:
+        problem = _shard_problem(file)
+        if problem:
+            raise CheckpointError(
+                f"model.hf_path={hf_path}: {file.name} {problem}: the file is truncated or corrupt; "
+                "download it again"
+            )
+
+
+def _shard_problem(file: Path) -> str | None:
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"has {size} bytes, too few for a safetensors header"
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            return f"has {size} bytes, less than its {length}-byte header"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "has an unreadable header"
+    if size != 8 + length + end:
+        return f"has {size} bytes, its header announces {8 + length + end}"
+    return None
+
+
 def _parallel(config: TrainConfig, spec: Qwen35Spec) -> tuple[ParallelConfig, int]:
     section, trainer = config.parallel, config.trainer
     parallel = section.to_parallel_config()
@@ -258,30 +281,3 @@ def _check_data(key: str, path: Path) -> None:
         read_jsonl(path)
     except DataError as err:
         raise DataError(f"{key}: {err}") from err
-
-
-def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == RESUME_LATEST:
-        saves = complete_saves(output_dir / CHECKPOINTS_DIR)
-        latest = saves[-1] if saves else None
-        if latest is None:
-            log.info(
-                "resume=latest: no complete save under %s, starting fresh", output_dir / CHECKPOINTS_DIR
-            )
-        else:
-            log.info("resume=latest: resuming from %s", latest)
-        return latest
-    path = Path(resume).expanduser().absolute()
-    if not path.is_dir():
-        raise CheckpointError(
-            f"resume={resume}: {path} is not a directory; pass a save directory "
-            f"(output_dir/{CHECKPOINTS_DIR}/step-N), resume=latest or resume=null"
-        )
-    if not is_complete_save(path):
-        raise CheckpointError(
-            f"resume={resume}: {path} is not a complete save (a step-N directory holding "
-            f"{TRAINING_STATE}/ and {MANIFEST}); pass a complete save or resume=latest"
-        )
-    return path
