@@ -1,8 +1,8 @@
 """One `error:` line for a failed run, however many ranks it has.
 
 Before launch the process prints `error: ...` and exits (2 for bad input). Once ranks run, the
-first rank to fail claims the marker file `OUT/.lora_trainer.failed` (exclusive create, holding
-the exit code), prints its line and exits at once; a rank that fails because another one is gone
+first rank to fail claims the marker file `OUT/.lora_trainer.failed` (created whole, with the exit
+code, or not at all), prints its line and exits at once; a rank that fails because another one is gone
 (a collective to a dead peer) waits a few seconds for that marker and exits with its code without
 a word, so several ranks hitting the same error still print one line. Exit codes: 2 for a
 `LoraTrainerError` (bad input, unusable files), 1 for anything else. `HYDRA_FULL_ERROR=1` adds
@@ -52,20 +52,23 @@ def _peer_gone(error: BaseException) -> bool:
 
 
 def _claim(marker: Path, code: int) -> bool:
+    """Create `marker` holding `code`, whole, unless it exists (the link makes it atomic)."""
+    temporary = marker.with_name(f"{marker.name}.{os.getpid()}")
     try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        temporary.write_text(str(code))
+        os.link(temporary, marker)
     except FileExistsError:
         return False
     except OSError:
         return True
-    with os.fdopen(fd, "w") as handle:
-        handle.write(str(code))
+    finally:
+        temporary.unlink(missing_ok=True)
     return True
 
 
 def _claimed_code(marker: Path) -> int | None:
     try:
-        return int(marker.read_text() or "1")
+        return int(marker.read_text())
     except (OSError, ValueError):
         return None
 
