@@ -140,6 +140,29 @@ def test_gated_delta_rule_packed_equals_per_sample(with_initial_state):
         assert max_diff(ours, theirs) <= 1e-6
 
 
+@pytest.mark.parametrize("gate_shift", [2.0, -2.0], ids=["weak-decay", "strong-decay"])
+def test_gated_delta_rule_packed_without_states_equals_per_sample(gate_shift):
+    """The path training takes: samples chunked as one sequence, several inside one chunk, one
+    starting on a chunk boundary, one across chunks, an empty one."""
+    lengths = [5, 20, 1, 38, 64, 0, 100, 3]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    inputs = gdr_inputs(1, sum(lengths), 2, 4, 16, 24, seed=6, gate_shift=gate_shift)
+    out, final = chunk_gated_delta_rule(*inputs, cu_seqlens=cu_seqlens)
+    bounds = cu_seqlens.tolist()
+    expected = torch.cat(
+        [
+            chunk_gated_delta_rule(*(x[:, start:end] for x in inputs))[0]
+            for start, end in zip(bounds[:-1], bounds[1:])
+            if end > start
+        ],
+        dim=1,
+    )
+    assert final is None
+    assert max_diff(out, expected) <= TOL
+    for ours, theirs in zip(grads_of([out], inputs), grads_of([expected], inputs)):
+        assert max_diff(ours, theirs) <= TOL
+
+
 def test_gated_delta_rule_rejects_bad_shapes():
     q, k, v, g, beta = (x.detach() for x in gdr_inputs(2, 8, 2, 3, 4, 4))
     with pytest.raises(ValueError, match="multiple of Hk"):

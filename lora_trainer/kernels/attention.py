@@ -2,7 +2,9 @@
 
 One signature, two backends: flash-attn (`flash_attn_func`, `flash_attn_varlen_func`) when the
 tensors are fp16/bf16 on CUDA and `flash_attn` is importable, otherwise
-`F.scaled_dot_product_attention`.
+`F.scaled_dot_product_attention`, which runs packed samples one segment at a time (causal, no
+mask), so that packing costs what the samples cost alone: never one masked [T, T] product over
+the whole packed sequence.
 
 Shape letters: B batch, T tokens, Hq query heads, Hkv key/value heads (Hq a multiple of Hkv;
 query head i reads kv head i // (Hq // Hkv)), D head dim, S packed samples.
@@ -16,8 +18,6 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from lora_trainer.kernels.causal_conv1d import packed_sample_index
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -67,18 +67,17 @@ def _flash_causal_attention(
 def _sdpa_causal_attention(
     q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None
 ) -> Tensor:
-    """SDPA in the [B, H, T, D] layout; packed samples get a block-diagonal causal mask."""
+    """SDPA in the [B, H, T, D] layout; packed samples run one causal SDPA each."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     if cu_seqlens is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        mask = _packed_causal_mask(cu_seqlens, q.shape[2], q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2).contiguous()
-
-
-def _packed_causal_mask(cu_seqlens: Tensor, seq_len: int, device: torch.device) -> Tensor:
-    """[T, T] bool, True where query token i may attend key token j: same sample and j <= i."""
-    sample = packed_sample_index(cu_seqlens, seq_len, device)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-    return causal & (sample.unsqueeze(1) == sample.unsqueeze(0))
+        return out.transpose(1, 2).contiguous()
+    bounds = cu_seqlens.tolist()
+    segments = [
+        F.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True, scale=scale, enable_gqa=True
+        )
+        for start, end in zip(bounds[:-1], bounds[1:])
+        if end > start
+    ]
+    return torch.cat(segments, dim=2).transpose(1, 2).contiguous()

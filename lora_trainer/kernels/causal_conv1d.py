@@ -1,7 +1,9 @@
 """Depthwise causal 1-D convolution (the short convolution in front of Gated DeltaNet).
 
 One signature, two backends: `causal_conv1d_fn` from the `causal_conv1d` package when the
-tensors are on CUDA and the package is importable, otherwise `F.conv1d`.
+tensors are on CUDA, the package is importable and the call fits the kernel's rules (kernel
+width 2 to 4, fp32/fp16/bf16; its channel-last layout, the only one that takes packed samples,
+needs a channel count divisible by 8), otherwise torch.
 
 Shape letters: B batch, C channels, T tokens, K kernel width, S packed samples.
 """
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ACTIVATIONS = (None, "silu")
+KERNEL_WIDTHS = range(2, 5)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CHANNEL_LAST_MULTIPLE = 8
 
 
 @functools.cache
@@ -40,41 +45,61 @@ def causal_conv1d(
         )
     if cu_seqlens is not None and x.shape[0] != 1:
         raise ValueError(f"cu_seqlens packs samples along T and needs batch size 1, got {x.shape[0]}")
-    if x.is_cuda and _causal_conv1d_available():
+    if _use_cuda_kernel(x) and _kernel_fits(x, weight, cu_seqlens):
         return _cuda_causal_conv1d(x, weight, activation, cu_seqlens)
     return _torch_causal_conv1d(x, weight, activation, cu_seqlens)
+
+
+def _use_cuda_kernel(x: Tensor) -> bool:
+    return x.is_cuda and _causal_conv1d_available()
+
+
+def _kernel_fits(x: Tensor, weight: Tensor, cu_seqlens: Tensor | None) -> bool:
+    """Whether causal-conv1d takes this call: its width and dtypes, and a channel count divisible
+    by 8 for packed samples (`seq_idx` is read in the channel-last layout only)."""
+    supported = weight.shape[1] in KERNEL_WIDTHS and {x.dtype, weight.dtype} <= set(KERNEL_DTYPES)
+    return supported and (cu_seqlens is None or x.shape[1] % CHANNEL_LAST_MULTIPLE == 0)
 
 
 def _cuda_causal_conv1d(
     x: Tensor, weight: Tensor, activation: str | None, cu_seqlens: Tensor | None
 ) -> Tensor:
-    """The CUDA kernel; packed samples go in as `seq_idx`, which it reads only channel-last."""
+    """The CUDA kernel, channel-last (contiguous [B, T, C] memory) when the channel count is a
+    multiple of 8, channel-first (contiguous [B, C, T]) otherwise; packed samples go in as
+    `seq_idx`."""
     from causal_conv1d import causal_conv1d_fn
 
-    if cu_seqlens is None:
-        return causal_conv1d_fn(x, weight, activation=activation)
-    seq_idx = packed_sample_index(cu_seqlens, x.shape[-1], x.device).to(torch.int32).unsqueeze(0)
+    weight = weight.contiguous()
+    if x.shape[1] % CHANNEL_LAST_MULTIPLE:
+        return causal_conv1d_fn(x.contiguous(), weight, activation=activation)
     channel_last = x.transpose(1, 2).contiguous().transpose(1, 2)
+    if cu_seqlens is None:
+        return causal_conv1d_fn(channel_last, weight, activation=activation)
+    seq_idx = packed_sample_index(cu_seqlens, x.shape[-1], x.device).to(torch.int32).unsqueeze(0)
     return causal_conv1d_fn(channel_last, weight, seq_idx=seq_idx, activation=activation)
 
 
 def _torch_causal_conv1d(
     x: Tensor, weight: Tensor, activation: str | None, cu_seqlens: Tensor | None
 ) -> Tensor:
-    """`F.conv1d` in the weight's dtype. Packed samples each get their own K - 1 zeros of left
-    padding: the tokens are spread into a longer zero sequence, convolved once, and gathered back."""
+    """In the weight's dtype: `F.conv1d` on whole rows; packed samples as K shifted copies of
+    the sequence, each weighted by its tap and zeroed where it would reach into the previous
+    sample (elementwise work on the packed sequence, no gathers)."""
     channels, width = weight.shape
     seq_len = x.shape[-1]
-    kernel = weight.unsqueeze(1)
     inputs = x.to(weight.dtype)
     if cu_seqlens is None:
-        out = F.conv1d(inputs, kernel, padding=width - 1, groups=channels)[..., :seq_len]
+        out = F.conv1d(inputs, weight.unsqueeze(1), padding=width - 1, groups=channels)[..., :seq_len]
     else:
+        cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.long)
         sample = packed_sample_index(cu_seqlens, seq_len, x.device)
-        slots = torch.arange(seq_len, device=x.device) + (width - 1) * (sample + 1)
-        spread = inputs.new_zeros(*inputs.shape[:-1], seq_len + (width - 1) * (len(cu_seqlens) - 1))
-        spread = spread.index_copy(-1, slots, inputs)
-        out = F.conv1d(spread, kernel, groups=channels).index_select(-1, slots - (width - 1))
+        offset = torch.arange(seq_len, device=x.device) - cu_seqlens[sample]
+        padded = F.pad(inputs, (width - 1, 0))
+        out = padded[..., width - 1 :] * weight[:, width - 1 :]
+        for tap in range(width - 1):
+            shift = width - 1 - tap
+            reaches = (offset >= shift).to(inputs.dtype)
+            out = out + padded[..., tap : tap + seq_len] * reaches * weight[:, tap : tap + 1]
     if activation == "silu":
         out = F.silu(out)
     return out.to(x.dtype)

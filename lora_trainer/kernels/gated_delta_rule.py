@@ -119,13 +119,19 @@ def _torch_chunk_gated_delta_rule(
     cu_seqlens: Tensor | None,
     use_qk_l2norm: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Pure-torch path: normalise q/k, cut every tensor into chunks, solve and scan them."""
+    """Pure-torch path: normalise q/k, cut every tensor into chunks, solve and scan them.
+
+    Packed samples without initial or final states are chunked like one unpacked sequence (no
+    padding per sample, no gathers): `_ChunkSegments` masks what crosses a sample boundary. With
+    states, every sample is padded to its own chunks (`_ChunkLayout`)."""
     out_dtype = q.dtype
     q, k = q.float(), k.float()
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * q.shape[-1] ** -0.5
-    layout = _ChunkLayout(q.shape[1], cu_seqlens)
+    continuous = cu_seqlens is not None and initial_state is None and not output_final_state
+    layout = _ChunkLayout(q.shape[1], None if continuous else cu_seqlens)
+    packing = _ChunkSegments(cu_seqlens, q.shape[1], layout.num_chunks) if continuous else None
     out, final_state = _chunk_scan(
         layout.chunk(q),
         layout.chunk(k),
@@ -134,6 +140,7 @@ def _torch_chunk_gated_delta_rule(
         layout.chunk(beta.float().unsqueeze(-1)).squeeze(-1),
         initial_state,
         layout.segments,
+        packing,
     )
     out = layout.unchunk(out).to(out_dtype, memory_format=torch.contiguous_format)
     return out, final_state if output_final_state else None
@@ -192,6 +199,47 @@ class _ChunkLayout:
         return x.index_select(1, self.slots)
 
 
+class _ChunkSegments:
+    """Sample boundaries inside the chunks of a packed sequence chunked as one ([N, C] each).
+
+    Per token: `restart_index` / `restarts`, where its sample starts inside its chunk (the
+    cumulative log decay restarts there); `sees_state`, whether its sample began in an earlier
+    chunk (only then does it read the state entering the chunk); `feeds_state`, whether it is in
+    the sample of the chunk's last token (only those tokens write the state leaving the chunk).
+    `blocked` [N, 1, 1, C, C] is True where token j is after token i or in another sample.
+    The zero padding after the last token counts as part of the last sample.
+    """
+
+    def __init__(self, cu_seqlens: Tensor, seq_len: int, num_chunks: int) -> None:
+        cu_seqlens = cu_seqlens.to(torch.long)
+        if cu_seqlens[0] != 0 or cu_seqlens[-1] != seq_len:
+            raise ValueError(f"cu_seqlens must run from 0 to T={seq_len}, got {cu_seqlens.tolist()}")
+        device = cu_seqlens.device
+        padded_len = num_chunks * CHUNK_SIZE
+        starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff(), output_size=seq_len)
+        starts = torch.cat([starts, starts[-1:].expand(padded_len - seq_len)]).view(num_chunks, CHUNK_SIZE)
+        chunk_starts = torch.arange(0, padded_len, CHUNK_SIZE, device=device).unsqueeze(-1)
+        first = (starts - chunk_starts).clamp(min=0)
+        self.restarts = first > 0
+        self.restart_index = (first - 1).clamp(min=0)
+        self.sees_state = starts < chunk_starts
+        self.feeds_state = starts == starts[:, -1:]
+        after = torch.ones(CHUNK_SIZE, CHUNK_SIZE, dtype=torch.bool, device=device).triu(1)
+        other_sample = starts.unsqueeze(-1) != starts.unsqueeze(-2)
+        self.blocked = (after | other_sample).view(num_chunks, 1, 1, CHUNK_SIZE, CHUNK_SIZE)
+
+    def restart(self, cum_decay: Tensor) -> Tensor:
+        """[N, B, H, C] cumulative log decay from the chunk start -> from each token's sample
+        start within the chunk."""
+        index = self.restart_index.view(-1, 1, 1, CHUNK_SIZE).expand_as(cum_decay)
+        before = cum_decay.gather(-1, index) * self.restarts.view(-1, 1, 1, CHUNK_SIZE)
+        return cum_decay - before
+
+    def mask(self, tokens: Tensor, which: Tensor) -> Tensor:
+        """[N, B, H, C] values zeroed where `which` ([N, C]) is False."""
+        return tokens * which.view(-1, 1, 1, CHUNK_SIZE)
+
+
 def _chunk_scan(
     q: Tensor,
     k: Tensor,
@@ -200,13 +248,15 @@ def _chunk_scan(
     beta: Tensor,
     initial_state: Tensor | None,
     segments: list[tuple[int, int]],
+    packing: _ChunkSegments | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The chunked gated delta rule on fp32 chunks.
 
     q, k: [N, B, Hk, C, Dk]; v: [N, B, Hv, C, Dv]; g, beta: [N, B, Hv, C]. Within a chunk the
     delta-rule updates are folded into one triangular solve (the WY/UT transform); across chunks
     only the state recursion stays sequential. Returns the output [N, B, Hv, C, Dv] and the final
-    states [S, Hv, Dk, Dv], one per batch row or per packed segment.
+    states [S, Hv, Dk, Dv], one per batch row or per packed segment. `packing` marks sample
+    boundaries inside chunks (`segments` is then the one range of all chunks).
     """
     num_chunks, batch, key_heads, chunk, key_dim = k.shape
     value_heads, value_dim = v.shape[2], v.shape[-1]
@@ -214,18 +264,27 @@ def _chunk_scan(
     grouped = (num_chunks, batch, key_heads, group, chunk)
 
     cum_decay = g.cumsum(-1)
-    ut_system, intra_attn = _DecayedGrams.apply(k @ k.mT, q @ k.mT, cum_decay, beta)
+    if packing is None:
+        blocked = torch.ones(chunk, chunk, dtype=torch.bool, device=g.device).triu(1)
+    else:
+        cum_decay, blocked = packing.restart(cum_decay), packing.blocked
+    ut_system, intra_attn = _DecayedGrams.apply(k @ k.mT, q @ k.mT, cum_decay, beta, blocked)
 
     k_grouped = k.unsqueeze(3)
     decay_from_start = cum_decay.exp()
+    decay_to_end = (cum_decay[..., -1:] - cum_decay).exp()
+    chunk_decay = cum_decay[..., -1].exp()
+    if packing is not None:
+        decay_from_start = packing.mask(decay_from_start, packing.sees_state)
+        decay_to_end = packing.mask(decay_to_end, packing.feeds_state)
+        chunk_decay = chunk_decay * packing.sees_state[:, -1].view(-1, 1, 1)
     decayed_k_beta = (k_grouped * (beta * decay_from_start).view(*grouped, 1)).flatten(2, 3)
     rhs = torch.cat([v * beta.unsqueeze(-1), decayed_k_beta], dim=-1)
     solved = torch.linalg.solve_triangular(ut_system, rhs, upper=False, unitriangular=True)
     new_values, k_cumdecay = solved.split([value_dim, key_dim], dim=-1)
 
     query = (q.unsqueeze(3) * decay_from_start.view(*grouped, 1)).flatten(2, 3)
-    key = (k_grouped * (cum_decay[..., -1:] - cum_decay).exp().view(*grouped, 1)).flatten(2, 3)
-    chunk_decay = cum_decay[..., -1].exp()
+    key = (k_grouped * decay_to_end.view(*grouped, 1)).flatten(2, 3)
 
     rows = batch * value_heads
     if initial_state is not None:
@@ -251,8 +310,8 @@ def _chunk_scan(
 class _DecayedGrams(torch.autograd.Function):
     """The decayed intra-chunk matrices, as one autograd node instead of a dozen elementwise ones.
 
-    With c the cumulative log decay of a chunk and D_ij = exp(c_i - c_j) for j <= i (0 above
-    the diagonal): ut_system = beta_i * (k_i . k_j) * D_ij and intra_attn = (q_i . k_j) * D_ij.
+    With c the cumulative log decay of a chunk and D_ij = exp(c_i - c_j) where i may see j (0
+    where `blocked`: above the diagonal, and across packed samples): ut_system = beta_i * (k_i . k_j) * D_ij and intra_attn = (q_i . k_j) * D_ij.
     The grams come per key head and are broadcast over the Hv // Hk value heads of the group.
     """
 
@@ -263,12 +322,13 @@ class _DecayedGrams(torch.autograd.Function):
         query_gram: Tensor,
         cum_decay: Tensor,
         beta: Tensor,
+        blocked: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """key_gram, query_gram: [N, B, Hk, C, C]; cum_decay, beta: [N, B, Hv, C].
-        Returns ut_system and intra_attn, both [N, B, Hv, C, C]."""
+        """key_gram, query_gram: [N, B, Hk, C, C]; cum_decay, beta: [N, B, Hv, C]; blocked: bool,
+        broadcastable to [N, B, Hv, C, C]. Returns ut_system and intra_attn, both [N, B, Hv, C, C]."""
         num_chunks, batch, key_heads, chunk, _ = key_gram.shape
         grouped = (num_chunks, batch, key_heads, -1, chunk)
-        pair_decay = _pairwise_decay(cum_decay).view(*grouped, chunk)
+        pair_decay = _pairwise_decay(cum_decay, blocked).view(*grouped, chunk)
         ut_system = (key_gram.unsqueeze(3) * pair_decay).mul_(beta.view(*grouped, 1))
         intra_attn = query_gram.unsqueeze(3) * pair_decay
         ctx.save_for_backward(key_gram, beta, pair_decay, ut_system, intra_attn)
@@ -278,7 +338,7 @@ class _DecayedGrams(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, d_ut_system: Tensor, d_intra_attn: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
         key_gram, beta, pair_decay, ut_system, intra_attn = ctx.saved_tensors
         d_ut_system, d_intra_attn = d_ut_system.view_as(ut_system), d_intra_attn.view_as(intra_attn)
         decayed = d_ut_system * pair_decay
@@ -287,14 +347,12 @@ class _DecayedGrams(torch.autograd.Function):
         d_query_gram = (d_intra_attn * pair_decay).sum(3)
         d_log_decay = (d_ut_system * ut_system).addcmul_(d_intra_attn, intra_attn)
         d_cum_decay = (d_log_decay.sum(-1) - d_log_decay.sum(-2)).flatten(2, 3)
-        return d_key_gram, d_query_gram, d_cum_decay, d_beta
+        return d_key_gram, d_query_gram, d_cum_decay, d_beta, None
 
 
-def _pairwise_decay(cum_decay: Tensor) -> Tensor:
-    """exp(c_i - c_j) for j <= i, else 0: [..., C] -> [..., C, C]."""
-    chunk = cum_decay.shape[-1]
-    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=cum_decay.device).triu(1)
-    return (cum_decay.unsqueeze(-1) - cum_decay.unsqueeze(-2)).masked_fill_(upper, float("-inf")).exp_()
+def _pairwise_decay(cum_decay: Tensor, blocked: Tensor) -> Tensor:
+    """exp(c_i - c_j), 0 where `blocked`: [..., C] -> [..., C, C]."""
+    return (cum_decay.unsqueeze(-1) - cum_decay.unsqueeze(-2)).masked_fill_(blocked, float("-inf")).exp_()
 
 
 class _StateScan(torch.autograd.Function):
