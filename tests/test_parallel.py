@@ -175,11 +175,18 @@ def test_cpu_compat_refuses_other_megatron_versions(monkeypatch: pytest.MonkeyPa
         cpu_compat.check_megatron_version()
 
 
-def test_cpu_compat_is_a_no_op_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_compat_with_cuda_applies_only_the_patch_for_absent_transformer_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU without TransformerEngine every MoE forward would raise NameError: te_general_gemm."""
+    from megatron.core.transformer.moe import moe_utils
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delattr(moe_utils, "te_general_gemm", raising=False)
     current_device = torch.cuda.current_device
     assert cpu_compat.apply_cpu_compat() is False
     assert torch.cuda.current_device is current_device
+    assert moe_utils.te_general_gemm is None
 
 
 # ---- tp=2: layers, RNG, broadcast, clip, uneven gather, ETP=2 MoE ------------------------------

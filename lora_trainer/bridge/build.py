@@ -35,6 +35,14 @@ def build_model_from_hf(
     check_parallel_fits(spec, parallel)
     model = Qwen35Model(spec, build_transformer_config(spec, parallel, params_dtype))
     if torch.cuda.is_available():
-        model.to(device=torch.cuda.current_device(), dtype=params_dtype)
+        model.to(device=torch.cuda.current_device())
+    cast_parameters(model, params_dtype)
     layout = load_hf_checkpoint(model, hf_path)
     return LoadedModel(model, spec, layout, hf_path)
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters to `dtype`; buffers keep theirs (RoPE's inverse frequencies stay fp32, as in
+    transformers: in bf16 the rotation angle is off by radians at a few thousand positions)."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)

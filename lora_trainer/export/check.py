@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lora_trainer.errors import ExportError
+from lora_trainer.kernels.transformers_reference import torch_kernels_only
 
 CONDITIONAL_GENERATION_CLASSES = {
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
@@ -146,7 +147,9 @@ def _file_key(key: str) -> str:
 
 
 def _logits(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
-    with torch.no_grad():
+    """The model's logits in float64, on torch kernels only (the check runs on the CPU, where
+    `fla` / `causal_conv1d` kernels that transformers may have bound cannot run)."""
+    with torch.no_grad(), torch_kernels_only():
         return model(input_ids=input_ids).logits.detach().to(torch.float64)
 
 

@@ -35,10 +35,18 @@ ParallelKind = Literal["column", "row"]
 
 def seeded_kaiming(shape: tuple[int, ...], seed: int, name: str) -> torch.Tensor:
     """PEFT's `kaiming_uniform_(a=sqrt(5))` for A, drawn from a generator keyed by the module
-    name, so every rank and every parallel layout draws the same full matrix."""
+    name, so every rank and every parallel layout draws the same full matrix. Drawn on the CPU
+    whatever device context is active (Lightning builds the model under `with root_device:`)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     bound = 1.0 / math.sqrt(shape[-1])
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    return torch.empty(shape, device="cpu").uniform_(-bound, bound, generator=generator)
+
+
+def _inverse_order(order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """For each of `values`, its index in `order` (a permutation of the same distinct values),
+    with tensor ops only: no per-element host sync on a GPU."""
+    sort = torch.argsort(order)
+    return sort[torch.searchsorted(order[sort], values)]
 
 
 class LoraLinear(nn.Module):
@@ -85,9 +93,7 @@ class LoraLinear(nn.Module):
         )
         if self.adapters > 1:
             cat_order = torch.cat([self._span_positions(span) for span in self.spans])
-            where = {int(p): i for i, p in enumerate(cat_order)}
-            perm = torch.tensor([where[int(p)] for p in positions], device=base.weight.device)
-            self.register_buffer("perm", perm, persistent=False)
+            self.register_buffer("perm", _inverse_order(cat_order, self.positions), persistent=False)
         self._mark_parallel_attributes()
 
     def _span_positions(self, span: TargetSpan) -> torch.Tensor:

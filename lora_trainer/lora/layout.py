@@ -54,7 +54,7 @@ class _IndexSource:
         self.dim = dim
 
     def read_rows(self, ref: HFRef, start: int, stop: int, dim: int) -> torch.Tensor:
-        index = torch.arange(start, stop) + self.offsets[ref]
+        index = torch.arange(start, stop, device="cpu") + self.offsets[ref]
         shape = [1, 1]
         shape[dim] = stop - start
         return index.reshape(shape)
@@ -62,7 +62,7 @@ class _IndexSource:
 
 def shard_positions(transform: Transform, rank: int, size: int, dim: int) -> torch.Tensor:
     """For each row (dim 0) or input column (dim 1) of this rank's shard, its position in the
-    concatenation of the transform's HF targets."""
+    concatenation of the transform's HF targets (a CPU tensor under any device context)."""
     spans = target_spans(transform, dim)
     layout = transform.shard(_IndexSource(spans, dim), rank, size)
     return layout.reshape(-1)

@@ -2,10 +2,11 @@
 
 megatron-core assumes CUDA in a few dozen places. `apply_cpu_compat()` patches exactly the ones
 that break the paths this project uses (tensor/sequence/pipeline/expert parallel layers, the MoE
-alltoall dispatcher, `get_forward_backward_func`, gradient clipping). It does nothing when CUDA is
-available, is idempotent, and refuses megatron-core versions it was not written for, because
-every patch targets a private symbol whose line numbers (cited per patch, megatron-core 0.16.1)
-may move.
+alltoall dispatcher, `get_forward_backward_func`, gradient clipping). With CUDA available it
+applies only the patch that any machine without TransformerEngine needs (P4b, the router's
+gemm), is idempotent, and refuses megatron-core versions it was not written for, because every
+patch targets a private symbol whose line numbers (cited per patch, megatron-core 0.16.1) may
+move.
 
 The patches are process-global: after `apply_cpu_compat()`, `torch.cuda.current_device()` returns
 the CPU device and tensor factories asked for `device="cuda"` build on the CPU. That is only done
@@ -57,12 +58,15 @@ def check_megatron_version() -> None:
 
 
 def apply_cpu_compat() -> bool:
-    """Patch megatron-core for CPU; return True when patched, False when CUDA is available.
+    """Patch megatron-core for CPU; return True when patched, False when CUDA is available (then
+    only `TE_ABSENT_PATCHES` are applied, which every device without TransformerEngine needs).
 
     Idempotent: calling it again does nothing. Raises RuntimeError for an unsupported
     megatron-core version.
     """
     global _applied
+    for patch in TE_ABSENT_PATCHES:
+        patch()
     if torch.cuda.is_available():
         return False
     if _applied:
@@ -235,10 +239,11 @@ def patch_alltoall_streams() -> None:
 
 
 def patch_router_te_gemm() -> None:
-    """P4b: `NameError: te_general_gemm` in the router's gating linear.
+    """P4b: `NameError: te_general_gemm` in the router's gating linear, on CPU and on CUDA alike.
 
     transformer/moe/moe_utils.py:1192 reads `te_general_gemm`, which is only assigned when
-    TransformerEngine imports (moe_utils.py:22-39); None selects the torch.mm path.
+    TransformerEngine imports (moe_utils.py:22-39); None selects the torch.mm path. Where
+    TransformerEngine is installed the name exists and is left alone.
     """
     from megatron.core.transformer.moe import moe_utils
 
@@ -361,14 +366,17 @@ def patch_uneven_all_gather() -> None:
     mappings._gather_along_first_dim = _gather_along_first_dim
 
 
+TE_ABSENT_PATCHES = (patch_router_te_gemm,)
+"""Patches for a megatron-core without TransformerEngine, applied on every device (P4b)."""
+
 PATCHES = (
     patch_rng_tracker,
     patch_current_device,
     install_cuda_to_cpu_mode,
     patch_alltoall_streams,
-    patch_router_te_gemm,
     patch_split_sizes_to_numpy,
     patch_grad_clip,
     patch_uneven_all_gather,
 )
-"""Every patch, in the order `apply_cpu_compat` applies them (P1, P2, P3, P4a-c, P6, P7)."""
+"""The CPU-only patches, in the order `apply_cpu_compat` applies them (P1, P2, P3, P4a, P4c, P6,
+P7), after `TE_ABSENT_PATCHES`."""

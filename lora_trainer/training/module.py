@@ -140,10 +140,11 @@ class LoraTrainingModule(pl.LightningModule):
 
     def _global_loss(self, losses: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Token-weighted mean loss over the global batch and its trained-token count, on every
-        rank (the losses live on the last pipeline stage)."""
-        totals = torch.zeros(2)
+        rank (the losses live on the last pipeline stage). The sums are made on this module's
+        device, which NCCL's collectives need on GPUs."""
+        totals = torch.zeros(2, device=self.device)
         for item in losses or []:
-            totals += item["loss"].cpu()
+            totals += item["loss"].to(totals.device)
         if dist.is_initialized():
             dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
             last = parallel_state.get_pipeline_model_parallel_last_rank()
