@@ -140,7 +140,7 @@ def test_gated_delta_rule_packed_equals_per_sample(with_initial_state):
         assert max_diff(ours, theirs) <= 1e-6
 
 
-@pytest.mark.parametrize("gate_shift", [2.0, -2.0], ids=["weak-decay", "strong-decay"])
+@pytest.mark.parametrize("gate_shift", [2.0, -2.0, -60.0], ids=["weak-decay", "strong-decay", "extreme-decay"])
 def test_gated_delta_rule_packed_without_states_equals_per_sample(gate_shift):
     """The path training takes: samples chunked as one sequence, several inside one chunk, one
     starting on a chunk boundary, one across chunks, an empty one."""

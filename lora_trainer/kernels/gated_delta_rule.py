@@ -235,9 +235,10 @@ class _ChunkSegments:
         before = cum_decay.gather(-1, index) * self.restarts.view(-1, 1, 1, CHUNK_SIZE)
         return cum_decay - before
 
-    def mask(self, tokens: Tensor, which: Tensor) -> Tensor:
-        """[N, B, H, C] values zeroed where `which` ([N, C]) is False."""
-        return tokens * which.view(-1, 1, 1, CHUNK_SIZE)
+    def cut(self, log_decay: Tensor, which: Tensor) -> Tensor:
+        """[N, B, H, C] log decays set to -inf (decay 0) where `which` ([N, C]) is False, before
+        any exp: across samples they are differences of unrelated sums and may overflow."""
+        return log_decay.masked_fill(~which.view(-1, 1, 1, CHUNK_SIZE), float("-inf"))
 
 
 def _chunk_scan(
@@ -271,13 +272,12 @@ def _chunk_scan(
     ut_system, intra_attn = _DecayedGrams.apply(k @ k.mT, q @ k.mT, cum_decay, beta, blocked)
 
     k_grouped = k.unsqueeze(3)
-    decay_from_start = cum_decay.exp()
-    decay_to_end = (cum_decay[..., -1:] - cum_decay).exp()
-    chunk_decay = cum_decay[..., -1].exp()
+    log_from_start, log_to_end = cum_decay, cum_decay[..., -1:] - cum_decay
     if packing is not None:
-        decay_from_start = packing.mask(decay_from_start, packing.sees_state)
-        decay_to_end = packing.mask(decay_to_end, packing.feeds_state)
-        chunk_decay = chunk_decay * packing.sees_state[:, -1].view(-1, 1, 1)
+        log_from_start = packing.cut(log_from_start, packing.sees_state)
+        log_to_end = packing.cut(log_to_end, packing.feeds_state)
+    decay_from_start, decay_to_end = log_from_start.exp(), log_to_end.exp()
+    chunk_decay = decay_from_start[..., -1]
     decayed_k_beta = (k_grouped * (beta * decay_from_start).view(*grouped, 1)).flatten(2, 3)
     rhs = torch.cat([v * beta.unsqueeze(-1), decayed_k_beta], dim=-1)
     solved = torch.linalg.solve_triangular(ut_system, rhs, upper=False, unitriangular=True)
