@@ -63,7 +63,8 @@ class Results:
         self.path = path
 
     def add(self, check: str, result: str, ok: bool | None) -> None:
-        status = "skip" if ok is None else "ok" if ok else "FAIL"
+        """One row: ok True / False for a check that passes or fails, None for a figure."""
+        status = "info" if ok is None else "ok" if ok else "FAIL"
         with self.path.open("a") as out:
             out.write(json.dumps({"check": check, "result": result, "status": status}) + "\n")
         print(f"[{status}] {check}: {result}", flush=True)
