@@ -152,7 +152,8 @@ def check_kernels(results: Results, args: argparse.Namespace) -> None:
         x = randn(1, tokens, channels).transpose(1, 2)
         weight = randn(channels, 4) * 0.5
         fits = conv_module._use_cuda_kernel(x) and conv_module._kernel_fits(x, weight, cu_seqlens if packed else None)
-        backend = "causal-conv1d" if fits else "torch conv" + ("" if conv_module._causal_conv1d_available() else " (causal-conv1d not installed)")
+        installed = conv_module._causal_conv1d_available()
+        backend = "causal-conv1d" if fits else "torch conv" + ("" if installed else " (causal-conv1d not installed)")
         packing = cu_seqlens if packed else None
         compare_kernel(
             results, f"causal conv1d, {channels} channels, {'packed' if packed else 'rows'}", backend,
@@ -230,14 +231,14 @@ def check_logits(results: Results, args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
             for kind in KINDS:
                 extra = dict(packed_experts=True, with_mtp=True) if kind == "moe_vl" else {}
-                path = save_checkpoint(build_default_init_model(kind), Path(workdir) / kind, dtype=torch.bfloat16, **extra)
+                model = build_default_init_model(kind)
+                path = save_checkpoint(model, Path(workdir) / kind, dtype=torch.bfloat16, **extra)
                 reference = load_hf_model(path).to(device)
                 with torch.no_grad():
                     with torch_kernels_only():
                         fp32 = reference(input_ids=input_ids).logits
-                        fp32_alone = torch.cat(
-                            [reference(input_ids=input_ids[:, s:e]).logits for s, e in zip(bounds[:-1], bounds[1:])], dim=1
-                        )
+                        pieces = [input_ids[:, s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+                        fp32_alone = torch.cat([reference(input_ids=piece).logits for piece in pieces], dim=1)
                     theirs = reference.to(torch.bfloat16)(input_ids=input_ids).logits
                     del reference
                     ours_model = build_model_from_hf(path, ParallelConfig(), params_dtype=torch.bfloat16).model.eval()
@@ -331,7 +332,8 @@ def check_stack(results: Results, args: argparse.Namespace) -> None:
                 f"{trainable / 1e6:.1f}M LoRA params",
                 True,
             )
-        results.add("35B-A3B-width packed / unpacked time", f"{seconds[True] / seconds[False]:.3f} (goal <= 1.05)", None)
+        ratio = seconds[True] / seconds[False]
+        results.add("35B-A3B-width packed / unpacked time", f"{ratio:.3f} (goal <= 1.05)", None)
     finally:
         destroy_parallel()
 

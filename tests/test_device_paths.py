@@ -60,6 +60,7 @@ class _CollectiveDevice(Exception):
 
 def test_global_loss_reduces_on_the_module_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """NCCL takes CUDA tensors only: the loss totals must live where the module lives."""
+    from lora_trainer.parallel.config import ParallelConfig
     from lora_trainer.training import module as training_module
     from lora_trainer.training.config import TrainConfig
 
@@ -69,7 +70,7 @@ def test_global_loss_reduces_on_the_module_device(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(training_module.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(training_module.dist, "all_reduce", all_reduce)
     monkeypatch.setattr(training_module.parallel_state, "get_data_parallel_group", lambda: None)
-    lightning_module = training_module.LoraTrainingModule(TrainConfig(), "unused", 1)
+    lightning_module = training_module.LoraTrainingModule(TrainConfig(), "unused", 1, ParallelConfig())
     lightning_module._device = torch.device("meta")
     losses = [{"loss": torch.ones(2, device="meta")}]
     for stage_losses in (losses, []):
@@ -94,7 +95,9 @@ def _fake_gpu_kernel_packages(root: Path) -> None:
     gdr.mkdir(parents=True)
     (root / "fla" / "__init__.py").write_text('__version__ = "0.4.0"\n')
     (root / "fla" / "ops" / "__init__.py").write_text("")
-    (gdr / "__init__.py").write_text(FAKE_KERNEL + "chunk_gated_delta_rule = fused_recurrent_gated_delta_rule = _refuse\n")
+    (gdr / "__init__.py").write_text(
+        FAKE_KERNEL + "chunk_gated_delta_rule = fused_recurrent_gated_delta_rule = _refuse\n"
+    )
     (root / "causal_conv1d").mkdir()
     (root / "causal_conv1d" / "__init__.py").write_text(
         '__version__ = "1.6.0"\n' + FAKE_KERNEL + "causal_conv1d_fn = causal_conv1d_update = _refuse\n"
@@ -184,7 +187,9 @@ def test_causal_conv1d_kernel_only_gets_calls_it_accepts(
     cu_seqlens = cu_seqlens if packed else None
     out = causal_conv1d(x, weight, cu_seqlens=cu_seqlens)
     assert torch.allclose(out, conv_kernel._torch_causal_conv1d(x, weight, "silu", cu_seqlens), atol=1e-6)
-    expected = {(96, False): ["channel_last"], (96, True): ["channel_last"], (100, False): ["channel_first"], (100, True): []}
+    expected = {
+        (96, False): ["channel_last"], (96, True): ["channel_last"], (100, False): ["channel_first"], (100, True): []
+    }
     assert calls == expected[channels, packed]
 
 

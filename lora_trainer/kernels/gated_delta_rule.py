@@ -311,7 +311,8 @@ class _DecayedGrams(torch.autograd.Function):
     """The decayed intra-chunk matrices, as one autograd node instead of a dozen elementwise ones.
 
     With c the cumulative log decay of a chunk and D_ij = exp(c_i - c_j) where i may see j (0
-    where `blocked`: above the diagonal, and across packed samples): ut_system = beta_i * (k_i . k_j) * D_ij and intra_attn = (q_i . k_j) * D_ij.
+    where `blocked`: above the diagonal, and across packed samples): ut_system = beta_i *
+    (k_i . k_j) * D_ij and intra_attn = (q_i . k_j) * D_ij.
     The grams come per key head and are broadcast over the Hv // Hk value heads of the group.
     """
 
