@@ -82,24 +82,23 @@ def _cuda_causal_conv1d(
 def _torch_causal_conv1d(
     x: Tensor, weight: Tensor, activation: str | None, cu_seqlens: Tensor | None
 ) -> Tensor:
-    """In the weight's dtype: `F.conv1d` on whole rows; packed samples as K shifted copies of
-    the sequence, each weighted by its tap and zeroed where it would reach into the previous
-    sample (elementwise work on the packed sequence, no gathers)."""
+    """`F.conv1d` in the weight's dtype over the whole sequence, channel-first (several times
+    faster on CPU than the channel-last view the GDN layer passes). With packed samples, the first
+    K - 1 outputs of each sample (the only ones whose window reaches into the sample before) are
+    recomputed from their own sample's tokens: a gather of S * (K - 1) windows, not of the
+    sequence."""
     channels, width = weight.shape
     seq_len = x.shape[-1]
-    inputs = x.to(weight.dtype)
-    if cu_seqlens is None:
-        out = F.conv1d(inputs, weight.unsqueeze(1), padding=width - 1, groups=channels)[..., :seq_len]
-    else:
+    inputs = x.to(weight.dtype, memory_format=torch.contiguous_format)
+    out = F.conv1d(inputs, weight.unsqueeze(1), padding=width - 1, groups=channels)[..., :seq_len]
+    if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.long)
-        sample = packed_sample_index(cu_seqlens, seq_len, x.device)
-        offset = torch.arange(seq_len, device=x.device) - cu_seqlens[sample]
-        padded = F.pad(inputs, (width - 1, 0))
-        out = padded[..., width - 1 :] * weight[:, width - 1 :]
-        for tap in range(width - 1):
-            shift = width - 1 - tap
-            reaches = (offset >= shift).to(inputs.dtype)
-            out = out + padded[..., tap : tap + seq_len] * reaches * weight[:, tap : tap + 1]
+        starts = cu_seqlens[packed_sample_index(cu_seqlens, seq_len, x.device)]
+        heads = (torch.arange(seq_len, device=x.device) - starts < width - 1).nonzero().squeeze(-1)
+        sources = heads.unsqueeze(-1) + torch.arange(1 - width, 1, device=x.device)
+        inside = (sources >= starts[heads].unsqueeze(-1)).to(inputs.dtype)
+        windows = inputs.index_select(-1, sources.clamp(min=0).flatten()).unflatten(-1, sources.shape) * inside
+        out = out.index_copy(-1, heads, (windows * weight.unsqueeze(1)).sum(-1))
     if activation == "silu":
         out = F.silu(out)
     return out.to(x.dtype)
