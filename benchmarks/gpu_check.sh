@@ -120,8 +120,10 @@ print(json.dumps({"check": f"train.py {model}", "result": result, "status": "ok"
 PY
 }
 
-run_step train_tiny_dense 110 train_step tiny_dense
-run_step train_tiny_moe 110 train_step tiny_moe
+export PYTHON WORK RESULTS
+export -f train_step
+run_step train_tiny_dense 110 bash -c 'train_step "$1"' _ tiny_dense
+run_step train_tiny_moe 110 bash -c 'train_step "$1"' _ tiny_moe
 run_step kernels 80 "$PYTHON" -m benchmarks.gpu_check kernels --results "$RESULTS"
 run_step logits 80 "$PYTHON" -m benchmarks.gpu_check logits --results "$RESULTS" --seq 4096
 run_step stack 150 "$PYTHON" -m benchmarks.gpu_check stack --results "$RESULTS" --seq 4096
