@@ -99,7 +99,7 @@ run_step() {
 train_step() {
     local model=$1 run=$WORK/train_$1
     "$PYTHON" train.py "model=$model" model.dtype=bfloat16 trainer.devices=1 parallel.ep=1 logger=none trainer.max_steps=2 \
-        checkpoint.every_n_steps=2 export.check=true "output_dir=$run" || return
+        checkpoint.every_n_steps=2 export.check=true export.background=false "output_dir=$run" || return
     "$PYTHON" - "$run" "$model" >>"$RESULTS" <<'PY'
 import json
 import sys
