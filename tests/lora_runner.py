@@ -1,8 +1,9 @@
 """What each rank runs in the LoRA tests (module level, so spawned ranks can import it).
 
 For every checkpoint: build our model, inject LoRA, give every adapter the same full random
-factors at every layout (non-zero B), run one forward/backward through megatron's schedule, and
-return the logits, the LoRA gradients in HF layout, and the adapter gathered into HF layout.
+factors at every layout (non-zero B), run one forward/backward through megatron's schedule (in
+`dtype`; the LoRA factors stay fp32), and return the logits, the LoRA gradients in HF layout, and
+the adapter gathered into HF layout.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _grads_as_adapter(adapters: list[Any], spec: Any, config: Any) -> Any:
 
 
 def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
-             input_ids: torch.Tensor, lora: dict[str, Any]) -> dict[str, dict[str, Any]]:
+             input_ids: torch.Tensor, lora: dict[str, Any],
+             dtype: torch.dtype = torch.float32) -> dict[str, dict[str, Any]]:
     from lora_trainer.bridge.build import build_model_from_hf
     from lora_trainer.export.gather_adapter import gather_hf_adapter
     from lora_trainer.lora.config import LoraConfig
@@ -81,7 +83,7 @@ def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: 
     results: dict[str, dict[str, Any]] = {}
     try:
         for kind, path in checkpoints.items():
-            loaded = build_model_from_hf(Path(path), config)
+            loaded = build_model_from_hf(Path(path), config, params_dtype=dtype)
             adapters = inject_lora(loaded.model, lora_config)
             for adapter in adapters:
                 adapter.set_full(*random_full_factors(adapter, seed=5))
