@@ -13,12 +13,9 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta
 
 from lora_trainer.kernels import causal_attention, causal_conv1d, chunk_gated_delta_rule
 from lora_trainer.kernels import gated_delta_rule as gdr
+from tests.numerics import assert_close
 
 TOL = 1e-5
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 def gdr_inputs(
@@ -71,10 +68,10 @@ def test_gated_delta_rule_matches_transformers(shape, with_initial_state):
         q, k, v, g, beta, initial_state=initial_state, output_final_state=True
     )
     assert out.shape == ref_out.shape and out.dtype == torch.float32
-    assert max_diff(out, ref_out) <= TOL
-    assert max_diff(final_state, ref_state) <= TOL
+    assert_close(out, ref_out, TOL, "out")
+    assert_close(final_state, ref_state, TOL, "final_state")
     for ours, theirs in zip(grads_of([out, final_state], inputs), grads_of([ref_out, ref_state], inputs)):
-        assert max_diff(ours, theirs) <= TOL
+        assert_close(ours, theirs, TOL, "grad")
 
 
 def test_gated_delta_rule_matches_transformers_under_strong_decay():
@@ -83,10 +80,10 @@ def test_gated_delta_rule_matches_transformers_under_strong_decay():
         *inputs, output_final_state=True, use_qk_l2norm_in_kernel=True
     )
     out, final_state = chunk_gated_delta_rule(*inputs, output_final_state=True)
-    assert max_diff(out, ref_out) <= TOL
-    assert max_diff(final_state, ref_state) <= TOL
+    assert_close(out, ref_out, TOL, "out")
+    assert_close(final_state, ref_state, TOL, "final_state")
     for ours, theirs in zip(grads_of([out, final_state], inputs), grads_of([ref_out, ref_state], inputs)):
-        assert max_diff(ours, theirs) <= TOL
+        assert_close(ours, theirs, TOL, "grad")
 
 
 def test_gated_delta_rule_without_l2norm_matches_transformers():
@@ -95,7 +92,7 @@ def test_gated_delta_rule_without_l2norm_matches_transformers():
     ref_out, _ = torch_chunk_gated_delta_rule(q_unit, k_unit, v, g, beta, use_qk_l2norm_in_kernel=False)
     out, state = chunk_gated_delta_rule(q_unit, k_unit, v, g, beta, use_qk_l2norm=False)
     assert state is None
-    assert max_diff(out, ref_out) <= TOL
+    assert_close(out, ref_out, TOL, "out")
 
 
 def test_gated_delta_rule_keeps_input_dtype():
@@ -103,7 +100,7 @@ def test_gated_delta_rule_keeps_input_dtype():
     out, _ = chunk_gated_delta_rule(q, k, v, g, beta)
     ref_out, _ = chunk_gated_delta_rule(q.float(), k.float(), v.float(), g.float(), beta.float())
     assert out.dtype == torch.bfloat16
-    assert max_diff(out.float(), ref_out) <= 2e-2
+    assert_close(out.float(), ref_out, 2e-2, "out")
 
 
 @pytest.mark.parametrize("with_initial_state", [False, True], ids=["zero-state", "initial-state"])
@@ -134,10 +131,10 @@ def test_gated_delta_rule_packed_equals_per_sample(with_initial_state):
         finals.append(piece_final)
     expected, expected_final = torch.cat(pieces, dim=1), torch.cat(finals)
     assert final.shape == (len(lengths), 4, 16, 24)
-    assert max_diff(out, expected) <= 1e-6
-    assert max_diff(final, expected_final) <= 1e-6
+    assert_close(out, expected, 1e-6, "out")
+    assert_close(final, expected_final, 1e-6, "final")
     for ours, theirs in zip(grads_of([out, final], inputs), grads_of([expected, expected_final], inputs)):
-        assert max_diff(ours, theirs) <= 1e-6
+        assert_close(ours, theirs, 1e-6, "grad")
 
 
 @pytest.mark.parametrize("gate_shift", [2.0, -2.0, -60.0], ids=["weak-decay", "strong-decay", "extreme-decay"])
@@ -196,8 +193,8 @@ def test_fla_backend_gets_heads_expanded_and_fla_keywords(monkeypatch):
     expected, expected_state = chunk_gated_delta_rule(
         q, k, v, g, beta, output_final_state=True, cu_seqlens=cu_seqlens
     )
-    assert max_diff(out, expected) <= TOL
-    assert max_diff(state, expected_state) <= TOL
+    assert_close(out, expected, TOL, "out")
+    assert_close(state, expected_state, TOL, "state")
 
 
 def hf_conv(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -213,9 +210,9 @@ def test_causal_conv1d_matches_hf(activation):
     weight = torch.randn(12, 4, generator=gen, requires_grad=True)
     out = causal_conv1d(x, weight, activation=activation)
     ref = hf_conv(x, weight, activation)
-    assert max_diff(out, ref) <= TOL
+    assert_close(out, ref, TOL, "out")
     for ours, theirs in zip(grads_of([out], [x, weight]), grads_of([ref], [x, weight])):
-        assert max_diff(ours, theirs) <= TOL
+        assert_close(ours, theirs, TOL, "grad")
 
 
 def test_causal_conv1d_packed_equals_per_sample():
@@ -233,9 +230,9 @@ def test_causal_conv1d_packed_equals_per_sample():
         ],
         dim=-1,
     )
-    assert max_diff(out, expected) <= TOL
+    assert_close(out, expected, TOL, "out")
     for ours, theirs in zip(grads_of([out], [x, weight]), grads_of([expected], [x, weight])):
-        assert max_diff(ours, theirs) <= TOL
+        assert_close(ours, theirs, TOL, "grad")
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -262,9 +259,9 @@ def test_causal_attention_matches_softmax_reference_with_gqa():
     out = causal_attention(q, k, v, scale=0.3)
     ref = softmax_attention(q, k, v, 0.3)
     assert out.shape == (2, 33, 4, 16)
-    assert max_diff(out, ref) <= TOL
+    assert_close(out, ref, TOL, "out")
     for ours, theirs in zip(grads_of([out], [q, k, v]), grads_of([ref], [q, k, v])):
-        assert max_diff(ours, theirs) <= TOL
+        assert_close(ours, theirs, TOL, "grad")
 
 
 def test_causal_attention_packed_equals_per_sample():
@@ -279,6 +276,6 @@ def test_causal_attention_packed_equals_per_sample():
         ],
         dim=1,
     )
-    assert max_diff(out, expected) <= TOL
+    assert_close(out, expected, TOL, "out")
     for ours, theirs in zip(grads_of([out], [q, k, v]), grads_of([expected], [q, k, v])):
-        assert max_diff(ours, theirs) <= TOL
+        assert_close(ours, theirs, TOL, "grad")
