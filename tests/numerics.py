@@ -2,27 +2,25 @@
 that report the measured difference with its bound.
 
 Two computations that are equal in exact arithmetic still differ in fp32 by rounding, and the tiny
-random fixtures amplify rounding: their fp32 logits are ~1e-4 off their float64 logits, and how far
-depends on torch's kernel choice (ATEN_CPU_CAPABILITY, the number of threads). A fixed fp32 bound is
-therefore either loose or flaky. The tests instead
-
-- compare in float64 where both sides can run in it, with `FLOAT64_BOUND`, or
-- measure the noise floor of the computation in the test itself (the fp32 result against the same
-  computation in float64) and allow `FLOOR_FACTOR` times it.
-
-A wrong layout (transposed or misordered factors, swapped experts, a dropped term) moves the
-results by O(0.1-1), orders of magnitude above either bound.
+random fixtures amplify rounding: their fp32 logits are up to ~3e-4 off their float64 logits, and
+how far depends on torch's kernel choice (ATEN_CPU_CAPABILITY, the number of threads). A fixed
+fp32 bound is therefore either loose or flaky. The model tests instead measure the noise floor of
+the computation in the test itself, the fp32 result against the same computation in float64
+(`noise_floor`), and allow `FLOOR_FACTOR` times it; where both sides can run in float64 they are
+compared in float64, far below that bound (transformers and our model still run their norms and
+the gated delta rule in fp32, so float64 is not exact there either). A wrong layout (misordered
+factors or experts, swapped projections) moves the results by O(0.1-1), orders of magnitude above.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Two fp32 results that each carry rounding noise up to about one floor can differ by about two;
-# kernel choice moves a floor measured on one path by up to ~1.5x on another path.
+# Two fp32 results that each carry up to about one floor of rounding noise differ by up to about
+# two floors; kernel choice moves the floor of one path by up to ~1.5x on another.
 FLOOR_FACTOR = 4.0
-# float64 paths that are equal in exact arithmetic differ by ~1e-13 on these fixtures.
-FLOAT64_BOUND = 1e-9
+# fp32 rounding, even amplified by the fixtures, stays below 1e-3 of the values.
+MAX_RELATIVE_FLOOR = 1e-2
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,10 +32,14 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def noise_floor(fp32: torch.Tensor, fp64: torch.Tensor) -> float:
     """The rounding noise of an fp32 computation: its largest difference from the same computation
-    run in float64."""
+    run in float64. A floor of a percent of the values or more means the float64 side computes
+    something else, which would make any bound on it meaningless, so that is refused."""
     if fp32.dtype != torch.float32 or fp64.dtype != torch.float64:
         raise AssertionError(f"a noise floor compares fp32 with float64, got {fp32.dtype} and {fp64.dtype}")
-    return max_abs_diff(fp32, fp64)
+    floor = max_abs_diff(fp32, fp64)
+    scale = fp64.detach().abs().max().item()
+    assert floor < MAX_RELATIVE_FLOOR * scale, f"noise floor {floor:.3g} is not small against the values' {scale:.3g}"
+    return floor
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, bound: float, what: str) -> float:

@@ -96,9 +96,10 @@ def run_parity(rank: int, world_size: int, parallel: dict[str, Any], checkpoints
 
 
 def run_packing(rank: int, world_size: int, parallel: dict[str, Any], checkpoint: str,
-                samples: list[list[int]], seq_len: int) -> dict[str, list[torch.Tensor]]:
-    """Logits of each sample run alone, and of the same samples packed into rows of `seq_len`
-    (position ids restarting and `cu_seqlens` boundaries from the data pipeline's packing)."""
+                samples: list[list[int]], seq_len: int,
+                dtype: torch.dtype = torch.float32) -> dict[str, list[torch.Tensor]]:
+    """Logits (in `dtype`) of each sample run alone, and of the same samples packed into rows of
+    `seq_len` (position ids restarting and `cu_seqlens` boundaries from the data pipeline's packing)."""
     from lora_trainer.bridge.build import build_model_from_hf
     from lora_trainer.data.packing import build_row, collate
     from lora_trainer.data.tokenize import TokenizedSample
@@ -109,7 +110,7 @@ def run_packing(rank: int, world_size: int, parallel: dict[str, Any], checkpoint
     config = ParallelConfig(**parallel)
     initialize_parallel(config, seed=1234)
     try:
-        model = build_model_from_hf(Path(checkpoint), config).model
+        model = build_model_from_hf(Path(checkpoint), config, params_dtype=dtype).model
         with torch.no_grad():
             alone = [gather_vocab_logits(model(torch.tensor([ids])))[0] for ids in samples]
             tokenized = [TokenizedSample(input_ids=ids, loss_mask=[1] * len(ids)) for ids in samples]

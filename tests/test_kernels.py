@@ -1,10 +1,16 @@
 """The pure-torch kernels against Hugging Face / explicit references, and packed (cu_seqlens)
-inputs against running every sample on its own."""
+inputs against running every sample on its own.
+
+Outputs and gradients agree to a few times the fp32 reference's own distance from an exact float64
+computation of the same thing (tests/numerics.py); for the gated delta rule, whose implementations
+all compute in fp32, that is a step-by-step float64 recurrence written here."""
 
 from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
@@ -13,9 +19,7 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta
 
 from lora_trainer.kernels import causal_attention, causal_conv1d, chunk_gated_delta_rule
 from lora_trainer.kernels import gated_delta_rule as gdr
-from tests.numerics import assert_close
-
-TOL = 1e-5
+from tests.numerics import assert_close, assert_within_floor, noise_floor
 
 
 def gdr_inputs(
@@ -40,10 +44,60 @@ def gdr_inputs(
 
 
 def grads_of(outputs: list[torch.Tensor], inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
-    """Gradients of a random linear function of the outputs."""
+    """Gradients of a random linear function of the outputs (the same function in any dtype)."""
     gen = torch.Generator().manual_seed(seed)
     loss = sum((out * torch.randn(out.shape, generator=gen)).sum() for out in outputs)
     return list(torch.autograd.grad(loss, inputs))
+
+
+def float64_leaves(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """float64 copies of the leaf inputs, for the exact reference."""
+    return [x.detach().double().requires_grad_() for x in inputs]
+
+
+def assert_matches_within_floor(
+    ours: list[torch.Tensor],
+    reference: list[torch.Tensor],
+    exact: list[torch.Tensor],
+    inputs: list[torch.Tensor],
+    exact_inputs: list[torch.Tensor],
+) -> None:
+    """Our outputs, and their gradients with respect to `inputs`, against the fp32 `reference`,
+    within a few times the reference's distance from `exact` (float64, on `exact_inputs`)."""
+    for i, (got, want, truth) in enumerate(zip(ours, reference, exact)):
+        assert_within_floor(got, want, noise_floor(want, truth), f"output {i}")
+    grads = zip(grads_of(ours, inputs), grads_of(reference, inputs), grads_of(exact, exact_inputs))
+    for i, (got, want, truth) in enumerate(grads):
+        assert_within_floor(got, want, noise_floor(want, truth), f"gradient of input {i}")
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule one token at a time in the inputs' dtype (float64 here): per value head,
+    S <- exp(g) S; S <- S + k (beta (v - S^T k))^T; o = S^T q / sqrt(Dk), with q, k l2-normalized as
+    transformers does (eps 1e-6) and each key head serving Hv / Hk consecutive value heads."""
+    group = v.shape[2] // k.shape[2]
+    q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+    if use_qk_l2norm:
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    q = q * q.shape[-1] ** -0.5
+    batch, seq_len, heads, key_dim = k.shape
+    state = initial_state if initial_state is not None else v.new_zeros(batch, heads, key_dim, v.shape[-1])
+    outputs = []
+    for t in range(seq_len):
+        state = state * g[:, t].exp()[..., None, None]
+        delta = (v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], state)) * beta[:, t, :, None]
+        state = state + k[:, t, :, :, None] * delta[:, :, None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    return torch.stack(outputs, dim=1), state
 
 
 @pytest.mark.parametrize(
@@ -67,11 +121,10 @@ def test_gated_delta_rule_matches_transformers(shape, with_initial_state):
     out, final_state = chunk_gated_delta_rule(
         q, k, v, g, beta, initial_state=initial_state, output_final_state=True
     )
+    exact_inputs = float64_leaves(inputs)
+    exact = recurrent_gated_delta_rule(*exact_inputs)
     assert out.shape == ref_out.shape and out.dtype == torch.float32
-    assert_close(out, ref_out, TOL, "out")
-    assert_close(final_state, ref_state, TOL, "final_state")
-    for ours, theirs in zip(grads_of([out, final_state], inputs), grads_of([ref_out, ref_state], inputs)):
-        assert_close(ours, theirs, TOL, "grad")
+    assert_matches_within_floor([out, final_state], [ref_out, ref_state], list(exact), inputs, exact_inputs)
 
 
 def test_gated_delta_rule_matches_transformers_under_strong_decay():
@@ -80,10 +133,9 @@ def test_gated_delta_rule_matches_transformers_under_strong_decay():
         *inputs, output_final_state=True, use_qk_l2norm_in_kernel=True
     )
     out, final_state = chunk_gated_delta_rule(*inputs, output_final_state=True)
-    assert_close(out, ref_out, TOL, "out")
-    assert_close(final_state, ref_state, TOL, "final_state")
-    for ours, theirs in zip(grads_of([out, final_state], inputs), grads_of([ref_out, ref_state], inputs)):
-        assert_close(ours, theirs, TOL, "grad")
+    exact_inputs = float64_leaves(inputs)
+    exact = recurrent_gated_delta_rule(*exact_inputs)
+    assert_matches_within_floor([out, final_state], [ref_out, ref_state], list(exact), inputs, exact_inputs)
 
 
 def test_gated_delta_rule_without_l2norm_matches_transformers():
@@ -91,8 +143,9 @@ def test_gated_delta_rule_without_l2norm_matches_transformers():
     q_unit, k_unit = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     ref_out, _ = torch_chunk_gated_delta_rule(q_unit, k_unit, v, g, beta, use_qk_l2norm_in_kernel=False)
     out, state = chunk_gated_delta_rule(q_unit, k_unit, v, g, beta, use_qk_l2norm=False)
+    exact, _ = recurrent_gated_delta_rule(*(x.double() for x in (q_unit, k_unit, v, g, beta)), use_qk_l2norm=False)
     assert state is None
-    assert_close(out, ref_out, TOL, "out")
+    assert_within_floor(out, ref_out, noise_floor(ref_out, exact), "output")
 
 
 def test_gated_delta_rule_keeps_input_dtype():
@@ -100,7 +153,8 @@ def test_gated_delta_rule_keeps_input_dtype():
     out, _ = chunk_gated_delta_rule(q, k, v, g, beta)
     ref_out, _ = chunk_gated_delta_rule(q.float(), k.float(), v.float(), g.float(), beta.float())
     assert out.dtype == torch.bfloat16
-    assert_close(out.float(), ref_out, 2e-2, "out")
+    # the same fp32 computation on the same values, rounded once to bf16: within half an ulp
+    assert_close(out.float(), ref_out, torch.finfo(torch.bfloat16).eps * ref_out.abs().max().item(), "output")
 
 
 @pytest.mark.parametrize("with_initial_state", [False, True], ids=["zero-state", "initial-state"])
@@ -117,24 +171,34 @@ def test_gated_delta_rule_packed_equals_per_sample(with_initial_state):
     out, final = chunk_gated_delta_rule(
         q, k, v, g, beta, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens
     )
+    exact_inputs = float64_leaves(inputs)
+    assert final.shape == (len(lengths), 4, 16, 24)
+    assert_matches_within_floor(
+        [out, final],
+        per_sample_gated_delta_rule(partial(chunk_gated_delta_rule, output_final_state=True), inputs, cu_seqlens),
+        per_sample_gated_delta_rule(recurrent_gated_delta_rule, exact_inputs, cu_seqlens),
+        inputs,
+        exact_inputs,
+    )
+
+
+def per_sample_gated_delta_rule(
+    rule: Callable[..., tuple[torch.Tensor, torch.Tensor]], inputs: list[torch.Tensor], cu_seqlens: torch.Tensor
+) -> list[torch.Tensor]:
+    """`rule` (returning the output and the final state) run on every sample of a packed batch on its own: the outputs concatenated and the
+    final states stacked (an empty sample keeps its initial state)."""
+    q, k, v, g, beta = inputs[:5]
+    initial_state = inputs[5] if len(inputs) > 5 else None
     pieces, finals = [], []
     for i, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        state = None if initial_state is None else initial_state[i : i + 1]
         if start == end:
-            finals.append(torch.zeros(1, 4, 16, 24) if initial_state is None else initial_state[i : i + 1])
+            finals.append(v.new_zeros(1, v.shape[2], k.shape[3], v.shape[3]) if state is None else state)
             continue
-        piece, piece_final = chunk_gated_delta_rule(
-            *(x[:, start:end] for x in (q, k, v, g, beta)),
-            initial_state=None if initial_state is None else initial_state[i : i + 1],
-            output_final_state=True,
-        )
+        piece, piece_final = rule(*(x[:, start:end] for x in (q, k, v, g, beta)), initial_state=state)
         pieces.append(piece)
         finals.append(piece_final)
-    expected, expected_final = torch.cat(pieces, dim=1), torch.cat(finals)
-    assert final.shape == (len(lengths), 4, 16, 24)
-    assert_close(out, expected, 1e-6, "out")
-    assert_close(final, expected_final, 1e-6, "final")
-    for ours, theirs in zip(grads_of([out, final], inputs), grads_of([expected, expected_final], inputs)):
-        assert_close(ours, theirs, 1e-6, "grad")
+    return [torch.cat(pieces, dim=1), torch.cat(finals)]
 
 
 @pytest.mark.parametrize("gate_shift", [2.0, -2.0, -60.0], ids=["weak-decay", "strong-decay", "extreme-decay"])
@@ -193,8 +257,9 @@ def test_fla_backend_gets_heads_expanded_and_fla_keywords(monkeypatch):
     expected, expected_state = chunk_gated_delta_rule(
         q, k, v, g, beta, output_final_state=True, cu_seqlens=cu_seqlens
     )
-    assert_close(out, expected, TOL, "out")
-    assert_close(state, expected_state, TOL, "state")
+    exact = per_sample_gated_delta_rule(recurrent_gated_delta_rule, [x.double() for x in (q, k, v, g, beta)], cu_seqlens)
+    assert_within_floor(out, expected, noise_floor(expected, exact[0]), "output")
+    assert_within_floor(state, expected_state, noise_floor(expected_state, exact[1]), "final state")
 
 
 def hf_conv(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -209,10 +274,9 @@ def test_causal_conv1d_matches_hf(activation):
     x = torch.randn(2, 12, 50, generator=gen, requires_grad=True)
     weight = torch.randn(12, 4, generator=gen, requires_grad=True)
     out = causal_conv1d(x, weight, activation=activation)
-    ref = hf_conv(x, weight, activation)
-    assert_close(out, ref, TOL, "out")
-    for ours, theirs in zip(grads_of([out], [x, weight]), grads_of([ref], [x, weight])):
-        assert_close(ours, theirs, TOL, "grad")
+    exact_inputs = float64_leaves([x, weight])
+    exact = hf_conv(*exact_inputs, activation)
+    assert_matches_within_floor([out], [hf_conv(x, weight, activation)], [exact], [x, weight], exact_inputs)
 
 
 def test_causal_conv1d_packed_equals_per_sample():
@@ -222,17 +286,11 @@ def test_causal_conv1d_packed_equals_per_sample():
     x = torch.randn(1, 12, sum(lengths), generator=gen, requires_grad=True)
     weight = torch.randn(12, 4, generator=gen, requires_grad=True)
     out = causal_conv1d(x, weight, cu_seqlens=cu_seqlens)
-    expected = torch.cat(
-        [
-            hf_conv(x[..., s:e], weight, "silu")
-            for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())
-            if e > s
-        ],
-        dim=-1,
-    )
-    assert_close(out, expected, TOL, "out")
-    for ours, theirs in zip(grads_of([out], [x, weight]), grads_of([expected], [x, weight])):
-        assert_close(ours, theirs, TOL, "grad")
+    bounds = [(s, e) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()) if e > s]
+    exact_x, exact_weight = float64_leaves([x, weight])
+    expected = torch.cat([hf_conv(x[..., s:e], weight, "silu") for s, e in bounds], dim=-1)
+    exact = torch.cat([hf_conv(exact_x[..., s:e], exact_weight, "silu") for s, e in bounds], dim=-1)
+    assert_matches_within_floor([out], [expected], [exact], [x, weight], [exact_x, exact_weight])
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -257,11 +315,11 @@ def attention_inputs(batch: int, seq_len: int, seed: int):
 def test_causal_attention_matches_softmax_reference_with_gqa():
     q, k, v = attention_inputs(2, 33, seed=8)
     out = causal_attention(q, k, v, scale=0.3)
-    ref = softmax_attention(q, k, v, 0.3)
+    exact_inputs = float64_leaves([q, k, v])
     assert out.shape == (2, 33, 4, 16)
-    assert_close(out, ref, TOL, "out")
-    for ours, theirs in zip(grads_of([out], [q, k, v]), grads_of([ref], [q, k, v])):
-        assert_close(ours, theirs, TOL, "grad")
+    assert_matches_within_floor(
+        [out], [softmax_attention(q, k, v, 0.3)], [softmax_attention(*exact_inputs, 0.3)], [q, k, v], exact_inputs
+    )
 
 
 def test_causal_attention_packed_equals_per_sample():
@@ -269,13 +327,10 @@ def test_causal_attention_packed_equals_per_sample():
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     q, k, v = attention_inputs(1, sum(lengths), seed=9)
     out = causal_attention(q, k, v, scale=0.25, cu_seqlens=cu_seqlens)
-    expected = torch.cat(
-        [
-            softmax_attention(q[:, s:e], k[:, s:e], v[:, s:e], 0.25)
-            for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())
-        ],
-        dim=1,
-    )
-    assert_close(out, expected, TOL, "out")
-    for ours, theirs in zip(grads_of([out], [q, k, v]), grads_of([expected], [q, k, v])):
-        assert_close(ours, theirs, TOL, "grad")
+    bounds = list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
+    exact_inputs = float64_leaves([q, k, v])
+
+    def per_sample(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([softmax_attention(q[:, s:e], k[:, s:e], v[:, s:e], 0.25) for s, e in bounds], dim=1)
+
+    assert_matches_within_floor([out], [per_sample(q, k, v)], [per_sample(*exact_inputs)], [q, k, v], exact_inputs)
