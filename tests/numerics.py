@@ -38,7 +38,7 @@ def noise_floor(fp32: torch.Tensor, fp64: torch.Tensor) -> float:
         raise AssertionError(f"a noise floor compares fp32 with float64, got {fp32.dtype} and {fp64.dtype}")
     floor = max_abs_diff(fp32, fp64)
     scale = fp64.detach().abs().max().item()
-    assert floor < MAX_RELATIVE_FLOOR * scale, f"noise floor {floor:.3g} is not small against the values' {scale:.3g}"
+    assert floor < MAX_RELATIVE_FLOOR * scale, f"noise floor {floor:.3g} is not small against values of {scale:.3g}"
     return floor
 
 

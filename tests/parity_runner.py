@@ -69,9 +69,9 @@ def _embedding_grad(model: Any) -> torch.Tensor | None:
 
 
 def run_parity(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
-               input_ids: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    """Logits and embedding grads of every checkpoint under the `parallel` layout; also the
-    round trip HF -> Megatron -> HF of every text tensor."""
+               input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, torch.Tensor]]:
+    """Logits and embedding grads (in `dtype`) of every checkpoint under the `parallel` layout; also
+    the round trip HF -> Megatron -> HF of every text tensor."""
     from lora_trainer.bridge.build import build_model_from_hf
     from lora_trainer.bridge.gather import gather_hf_state_dict
     from lora_trainer.parallel.config import ParallelConfig
@@ -82,7 +82,7 @@ def run_parity(rank: int, world_size: int, parallel: dict[str, Any], checkpoints
     results: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for kind, path in checkpoints.items():
-            loaded = build_model_from_hf(Path(path), config)
+            loaded = build_model_from_hf(Path(path), config, params_dtype=dtype)
             model = loaded.model
             local = {"logits": forward_backward(model, input_ids), "embed_grad": _embedding_grad(model)}
             everyone: list[Any] = [None] * world_size

@@ -185,8 +185,9 @@ def test_gated_delta_rule_packed_equals_per_sample(with_initial_state):
 def per_sample_gated_delta_rule(
     rule: Callable[..., tuple[torch.Tensor, torch.Tensor]], inputs: list[torch.Tensor], cu_seqlens: torch.Tensor
 ) -> list[torch.Tensor]:
-    """`rule` (returning the output and the final state) run on every sample of a packed batch on its own: the outputs concatenated and the
-    final states stacked (an empty sample keeps its initial state)."""
+    """`rule` (returning the output and the final state) run on every sample of a packed batch on
+    its own: the outputs concatenated and the final states stacked (an empty sample keeps its
+    initial state)."""
     q, k, v, g, beta = inputs[:5]
     initial_state = inputs[5] if len(inputs) > 5 else None
     pieces, finals = [], []
@@ -257,7 +258,8 @@ def test_fla_backend_gets_heads_expanded_and_fla_keywords(monkeypatch):
     expected, expected_state = chunk_gated_delta_rule(
         q, k, v, g, beta, output_final_state=True, cu_seqlens=cu_seqlens
     )
-    exact = per_sample_gated_delta_rule(recurrent_gated_delta_rule, [x.double() for x in (q, k, v, g, beta)], cu_seqlens)
+    exact_inputs = [x.double() for x in (q, k, v, g, beta)]
+    exact = per_sample_gated_delta_rule(recurrent_gated_delta_rule, exact_inputs, cu_seqlens)
     assert_within_floor(out, expected, noise_floor(expected, exact[0]), "output")
     assert_within_floor(state, expected_state, noise_floor(expected_state, exact[1]), "final state")
 
