@@ -96,8 +96,9 @@ def test_parallel_layout_matches_single_rank_and_peft(
     layout: str, fused_single: dict, fused_single_fp64: dict, checkpoints: dict, input_ids: torch.Tensor,
     tmp_path: Path,
 ) -> None:
-    """Gradients within a few times the single-rank run's own fp32-vs-float64 difference, per tensor;
-    logits as in the TP=1 test, with the single-rank run's floor as ours."""
+    """Gradients within a few times the single-rank run's own fp32-vs-float64 difference relative to
+    each tensor's largest entry (the worst ratio over all tensors: one tensor's few entries are too
+    few to measure its own floor); logits as in the TP=1 test, with the single-rank run's floor."""
     world, parallel, kinds = LAYOUTS[layout]
     lora = {"r": 4, "alpha": 8.0}
     results = run_multirank(run_lora, world, parallel, {k: checkpoints[k] for k in kinds}, input_ids, lora)[0]
@@ -108,10 +109,15 @@ def test_parallel_layout_matches_single_rank_and_peft(
         for name, tensor in single_tensors.items():
             assert torch.equal(adapter_tensors[name], tensor), f"{kind}: {name}"
         grads, single_grads = _adapter_tensors(ours["grads"]), _adapter_tensors(single["grads"])
-        exact_grads = _adapter_tensors(fused_single_fp64[kind]["grads"])
         for name, grad in single_grads.items():
             assert grad.abs().sum() > 0, f"{kind}: {name} has no gradient"
-            floor = noise_floor(grad, exact_grads[name].double())
+        exact_grads = _adapter_tensors(fused_single_fp64[kind]["grads"])
+        relative_floor = max(
+            noise_floor(grad, exact_grads[name].double()) / grad.abs().max().item()
+            for name, grad in single_grads.items()
+        )
+        for name, grad in single_grads.items():
+            floor = relative_floor * grad.abs().max().item()
             assert_within_floor(grads[name], grad, floor, f"{kind}: {name}")
         (tmp_path / kind).mkdir()
         peft_fp32, peft_fp64 = _peft_logits(checkpoints[kind], ours["adapter"], tmp_path / kind, input_ids)
