@@ -21,6 +21,8 @@ from lora_trainer.kernels import causal_attention, causal_conv1d, chunk_gated_de
 from lora_trainer.kernels import gated_delta_rule as gdr
 from tests.numerics import assert_close, assert_within_floor, noise_floor
 
+PACKED_CHUNKS_BOUND = 1e-5
+
 
 def gdr_inputs(
     batch: int,
@@ -235,19 +237,15 @@ def test_gated_delta_rule_packed_without_states_equals_per_sample(gate_shift):
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     inputs = gdr_inputs(1, sum(lengths), 2, 4, 16, 24, seed=6, gate_shift=gate_shift)
     out, final = chunk_gated_delta_rule(*inputs, cu_seqlens=cu_seqlens)
-    bounds = cu_seqlens.tolist()
-    expected = torch.cat(
-        [
-            chunk_gated_delta_rule(*(x[:, start:end] for x in inputs))[0]
-            for start, end in zip(bounds[:-1], bounds[1:])
-            if end > start
-        ],
-        dim=1,
-    )
+    per_sample = partial(chunk_gated_delta_rule, output_final_state=True)
+    expected = per_sample_gated_delta_rule(per_sample, inputs, cu_seqlens)
     assert final is None
-    assert max_diff(out, expected) <= TOL
-    for ours, theirs in zip(grads_of([out], inputs), grads_of([expected], inputs)):
-        assert max_diff(ours, theirs) <= TOL
+    # A fixed bound on O(1) values: the packed chunks' rounding grows with the decay summed over a
+    # chunk that spans samples, which no per-sample floor measures (1.3e-6 under strong decay, on
+    # every CPU capability, against 3e-7 for the samples run alone).
+    assert_close(out, expected[0], PACKED_CHUNKS_BOUND, "output")
+    for i, (ours, theirs) in enumerate(zip(grads_of([out], inputs), grads_of([expected[0]], inputs))):
+        assert_close(ours, theirs, PACKED_CHUNKS_BOUND, f"gradient of input {i}")
 
 
 def test_gated_delta_rule_rejects_bad_shapes():
