@@ -1,10 +1,12 @@
-"""`SFTDataModule`: JSONL -> tokenized samples -> packed rows -> DP-sharded micro-batches.
+"""`SFTDataModule`: data paths -> tokenized, cached samples -> packed rows -> DP micro-batches.
 
 The module shards data by data-parallel rank itself (`DPBatchSampler`), so the Trainer must not
 add a distributed sampler (`Trainer(use_distributed_sampler=False)`). The DP rank and size come
 from the constructor or `set_data_parallel`, else from megatron's `parallel_state` when it is
 initialized, else rank 0 of 1. The loaders' rows are fixed-length (`max_seq_len`) and a training
-"sample" for the batch sizes is a row (a packed row holds several JSONL samples when `pack=True`).
+"sample" for the batch sizes is a row (a packed row holds several samples when `pack=True`).
+Tokenization and mixing are `lora_trainer.data.pipeline`'s: the launching process tokenizes into
+the cache before the ranks start, and every rank loads the cached, memory-mapped samples.
 `state_dict()` carries the training sampler's state (and so does the training loader, which
 Lightning checkpoints with its loop state), so a resumed run continues with exactly the
 micro-batches an uninterrupted run would have used next.
@@ -13,19 +15,23 @@ micro-batches an uninterrupted run would have used next.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lora_trainer.data.jsonl import read_jsonl
-from lora_trainer.data.packing import PackedDataset, collate
+from lora_trainer.data.formats import Columns
+from lora_trainer.data.packing import PackedDataset, TokenizedRows, collate
+from lora_trainer.data.pipeline import mix, parse_sources, tokenize_source
 from lora_trainer.data.sampler import DPBatchSampler, eval_batches
-from lora_trainer.data.tokenize import drop_untrained, load_tokenizer, tokenize_samples
+from lora_trainer.data.tokenize import TokenizeSettings, load_tokenizer
 from lora_trainer.errors import DataError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = ".cache/data"
 
 
 def megatron_data_parallel() -> tuple[int, int] | None:
@@ -58,23 +64,36 @@ class SFTDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train_path: str | Path,
+        train_path: str | Path | Sequence[Any],
         *,
         model_dir: str | Path,
         max_seq_len: int,
         micro_batch_size: int,
         global_batch_size: int,
-        val_path: str | Path | None = None,
+        val_path: str | Path | Sequence[Any] | None = None,
         pack: bool = True,
         seed: int = 0,
+        train_on: str = "all_assistant",
+        enable_thinking: bool = True,
+        overlong: str = "drop",
+        columns: Mapping[str, str] | None = None,
+        cache_dir: str | Path = DEFAULT_CACHE_DIR,
+        num_proc: int | None = None,
         dp_rank: int | None = None,
         dp_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.train_path = Path(train_path)
-        self.val_path = Path(val_path) if val_path is not None else None
+        self.train_sources = parse_sources(train_path, "data.train_path")
+        self.val_sources = parse_sources(val_path, "data.val_path") if val_path is not None else None
         self.model_dir = Path(model_dir)
         self.max_seq_len = max_seq_len
+        self.settings = TokenizeSettings(max_seq_len, train_on, enable_thinking, overlong)
+        try:
+            self.columns = Columns.from_mapping(columns or {})
+        except ValueError as err:
+            raise DataError(str(err)) from err
+        self.cache_dir = Path(cache_dir)
+        self.num_proc = num_proc
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size
         self.pack = pack
@@ -99,20 +118,32 @@ class SFTDataModule(LightningDataModule):
         """`(dp_rank, dp_size)`: as set, else from megatron's parallel_state, else `(0, 1)`."""
         return self._dp or megatron_data_parallel() or (0, 1)
 
-    def _dataset(self, path: Path, tokenizer: Any) -> PackedDataset:
-        samples = tokenize_samples(tokenizer, read_jsonl(path), self.max_seq_len)
-        samples, dropped = drop_untrained(samples)
-        if dropped:
-            log.warning(
-                "%s: %d samples train no token after truncation to %d tokens and are skipped",
-                path,
-                dropped,
-                self.max_seq_len,
+    def samples(self, key: str, announce: bool = False) -> Any:
+        """The tokenized (cached) and mixed samples of `data.train_path` or `data.val_path`.
+
+        With `announce`, logs each source's summary line when anything was truncated or dropped.
+        """
+        sources = self.train_sources if key == "data.train_path" else self.val_sources
+        if sources is None:
+            raise DataError(f"{key} is not set")
+        parts = []
+        for spec in sources:
+            dataset, summary = tokenize_source(
+                spec,
+                model_dir=self.model_dir,
+                settings=self.settings,
+                columns=self.columns,
+                cache_dir=self.cache_dir,
+                key=key,
+                num_proc=self.num_proc,
             )
-        if not samples:
-            raise DataError(
-                f"{path}: no sample trains any token within max_seq_len={self.max_seq_len}"
-            )
+            if announce and set(summary.counts) != {"KEPT"}:
+                log.warning(summary.line(key, spec.path, self.settings))
+            parts.append((dataset, spec))
+        return mix(parts, self.seed, key)
+
+    def _dataset(self, key: str, tokenizer: Any) -> PackedDataset:
+        samples = TokenizedRows(self.samples(key))
         pad_id = tokenizer.pad_token_id
         if pad_id is None:
             pad_id = tokenizer.eos_token_id
@@ -125,9 +156,9 @@ class SFTDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return
         tokenizer = load_tokenizer(self.model_dir)
-        self.train_dataset = self._dataset(self.train_path, tokenizer)
-        if self.val_path is not None:
-            self.val_dataset = self._dataset(self.val_path, tokenizer)
+        self.train_dataset = self._dataset("data.train_path", tokenizer)
+        if self.val_sources is not None:
+            self.val_dataset = self._dataset("data.val_path", tokenizer)
         dp_rank, dp_size = self.data_parallel()
         self.train_sampler = DPBatchSampler(
             len(self.train_dataset),

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, overload
 
+import numpy as np
 import torch
 
 from lora_trainer.data.tokenize import TokenizedSample
@@ -56,23 +58,33 @@ def sample_labels(sample: TokenizedSample) -> list[int]:
     return [*labels, IGNORE_INDEX]
 
 
-def greedy_pack(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
-    """Group sample indices into rows of at most `seq_len` tokens, greedily and in order.
+def check_lengths(lengths: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
+    """`lengths` as an int64 array; `DataError` unless every one is in 1..`seq_len`."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    bad = np.flatnonzero((lengths < 1) | (lengths > seq_len))
+    if len(bad):
+        raise DataError(f"sample {bad[0]} has {lengths[bad[0]]} tokens; a row holds 1..{seq_len}")
+    return lengths
+
+
+def greedy_pack(lengths: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
+    """Group samples into rows of at most `seq_len` tokens, greedily and in order.
 
     Samples are taken in index order; a sample that does not fit in the current row's remaining
-    space starts a new row. Every sample must be at most `seq_len` long (tokenization truncates).
+    space starts a new row. Returns the row boundaries: row `g` holds samples
+    ``starts[g]:starts[g + 1]`` (so ``len(starts) == rows + 1``). Every sample must be
+    1..`seq_len` tokens long (tokenization drops or truncates longer ones).
     """
-    groups: list[list[int]] = []
-    used = seq_len
-    for index, length in enumerate(lengths):
-        if not 0 < length <= seq_len:
-            raise DataError(f"sample {index} has {length} tokens; packing needs 1..{seq_len}")
+    lengths = check_lengths(lengths, seq_len)
+    starts = [0]
+    used = 0
+    for index, length in enumerate(lengths.tolist()):
         if used + length > seq_len:
-            groups.append([])
+            starts.append(index)
             used = 0
-        groups[-1].append(index)
         used += length
-    return groups
+    starts.append(len(lengths))
+    return np.asarray(starts if len(lengths) else [0], dtype=np.int64)
 
 
 def build_row(samples: Sequence[TokenizedSample], seq_len: int, pad_id: int) -> PackedRow:
@@ -97,31 +109,68 @@ def build_row(samples: Sequence[TokenizedSample], seq_len: int, pad_id: int) -> 
     return PackedRow(input_ids, labels, position_ids, cu_seqlens)
 
 
-class PackedDataset(torch.utils.data.Dataset[PackedRow]):
-    """Rows built on access from tokenized samples and a grouping of their indices.
+class TokenizedRows(Sequence[TokenizedSample]):
+    """A tokenized `datasets.Dataset` (`input_ids`, `loss_mask`, `length`) as `TokenizedSample`s,
+    read from its memory-mapped Arrow files on access."""
 
-    `pack=True` groups samples with `greedy_pack`; `pack=False` puts one sample in each row. Rows
-    are built when indexed, so memory holds the samples once, not padded copies.
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def lengths(self) -> np.ndarray:
+        """Every sample's token count, in order."""
+        return np.asarray(self.dataset.with_format("numpy")["length"], dtype=np.int64)
+
+    @overload
+    def __getitem__(self, index: int) -> TokenizedSample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[TokenizedSample]: ...
+    def __getitem__(self, index: int | slice) -> TokenizedSample | list[TokenizedSample]:
+        if isinstance(index, slice):
+            rows = self.dataset[index]
+            return [
+                TokenizedSample(list(ids), list(mask))
+                for ids, mask in zip(rows["input_ids"], rows["loss_mask"], strict=True)
+            ]
+        row = self.dataset[int(index)]
+        return TokenizedSample(list(row["input_ids"]), list(row["loss_mask"]))
+
+
+class PackedDataset(torch.utils.data.Dataset[PackedRow]):
+    """Rows built on access from tokenized samples and the row boundaries over them.
+
+    `pack=True` groups samples with `greedy_pack`; `pack=False` puts one sample in each row.
+    `samples` is a list of `TokenizedSample`s or `TokenizedRows` over a memory-mapped dataset;
+    rows are built when indexed, so memory holds no padded copies.
     """
 
     def __init__(
-        self, samples: Sequence[TokenizedSample], seq_len: int, pad_id: int, pack: bool = True
+        self,
+        samples: Sequence[TokenizedSample],
+        seq_len: int,
+        pad_id: int,
+        pack: bool = True,
     ) -> None:
-        self.samples = list(samples)
+        self.samples = samples
         self.seq_len = seq_len
         self.pad_id = pad_id
-        lengths = [len(sample) for sample in self.samples]
-        if pack:
-            self.groups = greedy_pack(lengths, seq_len)
+        if isinstance(samples, TokenizedRows):
+            lengths = samples.lengths()
         else:
-            self.groups = [[index] for index in range(len(self.samples))]
+            lengths = np.asarray([len(sample) for sample in samples], dtype=np.int64)
+        if pack:
+            self.starts = greedy_pack(lengths, seq_len)
+        else:
+            self.starts = np.arange(len(check_lengths(lengths, seq_len)) + 1, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return len(self.starts) - 1
 
     def __getitem__(self, index: int) -> PackedRow:
-        members = [self.samples[i] for i in self.groups[index]]
-        return build_row(members, self.seq_len, self.pad_id)
+        first, end = int(self.starts[index]), int(self.starts[index + 1])
+        return build_row(self.samples[first:end], self.seq_len, self.pad_id)
 
 
 def collate(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:

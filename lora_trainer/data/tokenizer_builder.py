@@ -4,12 +4,15 @@
 prompt, some with two assistant turns) that a tiny model can learn; the repository ships them as
 `assets/tiny_sft.jsonl` (`write_tiny_sft` rewrites that file). `build_tiny_tokenizer` trains a
 byte-level BPE on that file with the `tokenizers` library, with Qwen's pre-tokenizer regex, Qwen's
-special tokens placed after the regular vocabulary, and a Qwen-style chat template, and saves it as
-a transformers tokenizer directory that `AutoTokenizer.from_pretrained` loads offline.
+special tokens and its thinking and tool-call tokens placed after the regular vocabulary, and the
+Qwen3.5 chat template (`assets/qwen3_5_chat_template.jinja`, as published with the Qwen3.5
+tokenizers: tools, XML tool calls, tool responses, reasoning and `enable_thinking`), and saves it
+as a transformers tokenizer directory that `AutoTokenizer.from_pretrained` loads offline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 from lora_trainer.errors import DataError
 
 TINY_SFT_PATH = Path(__file__).parent / "assets" / "tiny_sft.jsonl"
+QWEN35_CHAT_TEMPLATE_PATH = Path(__file__).parent / "assets" / "qwen3_5_chat_template.jinja"
 TINY_SFT_SEED = 1234
 TINY_SFT_NUM_SAMPLES = 400
 
@@ -25,20 +29,13 @@ ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+# Qwen3.5's added tokens that its chat template writes (not special: decoded like text).
+TEMPLATE_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 # Qwen2/2.5/3 pre-tokenizer split pattern (digits are split one by one).
 QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
 )
 
 _WORDS = (
@@ -125,16 +122,19 @@ def write_tiny_sft(path: str | Path = TINY_SFT_PATH) -> Path:
     return path
 
 
-def _training_texts(data_path: Path) -> list[str]:
-    """Every message content of a chat JSONL file, the texts the BPE merges are learned from."""
-    from lora_trainer.data.jsonl import ChatSample, read_jsonl
+def tokenizer_recipe() -> str:
+    """A hash of what else than the data and vocabulary size decides the tiny tokenizer's files."""
+    blob = json.dumps([SPECIAL_TOKENS, TEMPLATE_TOKENS, QWEN35_CHAT_TEMPLATE_PATH.read_text()])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
+
+def _training_texts(data_path: Path) -> list[str]:
+    """Every message of a chat JSONL file as ``role\ncontent``, the texts BPE merges learn from."""
     texts = []
-    for sample in read_jsonl(data_path):
-        if isinstance(sample, ChatSample):
-            texts.extend(f"{message.role}\n{message.content}" for message in sample.messages)
-        else:
-            texts.extend((sample.prompt, sample.completion))
+    for line in data_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            messages = json.loads(line)["messages"]
+            texts.extend(f"{message['role']}\n{message['content']}" for message in messages)
     return texts
 
 
@@ -144,18 +144,29 @@ def build_tiny_tokenizer(
     """Train a byte-level BPE of `vocab_size` tokens (special tokens included) on `data_path`.
 
     The regular vocabulary holds the 256 byte symbols and the learned merges; `<|endoftext|>`,
-    `<|im_start|>` and `<|im_end|>` follow it, as in Qwen, so `len(tokenizer) == vocab_size`.
+    `<|im_start|>`, `<|im_end|>` and the template tokens (`<think>`, `<tool_call>`, ...) follow
+    it, as in Qwen, so `len(tokenizer) == vocab_size`.
     `eos_token` is `<|im_end|>` and `pad_token` is `<|endoftext|>` (as in Qwen's chat models).
     Returns `out_dir`; the same inputs give byte-identical files.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
-    regular_size = vocab_size - len(SPECIAL_TOKENS)
+    added = len(SPECIAL_TOKENS) + len(TEMPLATE_TOKENS)
+    regular_size = vocab_size - added
     if regular_size < 256:
         raise DataError(
             f"vocab_size={vocab_size} is too small for a byte-level BPE: it needs at least "
-            f"{256 + len(SPECIAL_TOKENS)} (256 bytes and {len(SPECIAL_TOKENS)} special tokens)"
+            f"{256 + added} (256 bytes and {added} added tokens)"
         )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -174,6 +185,7 @@ def build_tiny_tokenizer(
     )
     tokenizer.train_from_iterator(_training_texts(Path(data_path)), trainer=trainer)
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in TEMPLATE_TOKENS])
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -182,7 +194,7 @@ def build_tiny_tokenizer(
         clean_up_tokenization_spaces=False,
         model_max_length=131072,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = QWEN35_CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
     out_dir = Path(out_dir)
     fast.save_pretrained(out_dir)
     return out_dir

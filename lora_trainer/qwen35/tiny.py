@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH, build_tiny_tokenizer
+from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH, build_tiny_tokenizer, tokenizer_recipe
 from lora_trainer.errors import ConfigError
 
 TinyKind = Literal["moe", "dense"]
@@ -67,6 +67,7 @@ def _recipe(kind: str) -> dict[str, Any]:
         "text": TEXT_SIZES,
         "mlp": MOE_SIZES if kind == "moe" else DENSE_SIZES,
         "tokenizer_data_sha256": hashlib.sha256(TINY_SFT_PATH.read_bytes()).hexdigest(),
+        "tokenizer_recipe": tokenizer_recipe(),
     }
 
 
