@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
+from lora_trainer.data.pipeline import SourceSpec
 from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
 from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.errors import (
@@ -263,7 +264,7 @@ def test_default_config_resolves(config_with, tiny_cache: Path) -> None:
     assert run.spec.is_moe and run.spec.vocab_size == 512
     assert (run.world_size, run.dp_size, run.expert_dp_size, run.num_microbatches) == (2, 2, 1, 2)
     assert run.parallel.ep == 2 and run.lora.r == 16
-    assert run.train_path == TINY_SFT_PATH and run.val_path is None
+    assert run.train_sources == (SourceSpec(TINY_SFT_PATH),) and run.val_sources is None
     assert run.resume_path is None
     assert run.save_dir(20) == run.output_dir / "checkpoints" / "step-20"
     assert resolve_run(config) == run
@@ -357,7 +358,7 @@ def test_unreadable_and_bad_data_files(config_with, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data\.val_path.*val\.jsonl:2"):
         validate_config(config_with(f"data.train_path={good}", f"data.val_path={no_assistant}"))
     run = validate_config(config_with(f"data.train_path={good}", f"data.val_path={good}"))
-    assert run.train_path == run.val_path == good
+    assert run.train_sources == run.val_sources == (SourceSpec(good),)
 
 
 def make_save(directory: Path, config: TrainConfig, complete: bool = True) -> Path:

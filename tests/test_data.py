@@ -1,4 +1,5 @@
-"""lora_trainer.data: JSONL, loss masks, packing, DP sampler, tiny tokenizer, datamodule."""
+"""lora_trainer.data: row formats, chat-template loss masks, packing, DP sampler, tiny tokenizer,
+datamodule. Sources, mixtures, the cache and bad input: test_data_sources.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import pytest
 import torch
 
 from lora_trainer.data.datamodule import SFTDataModule
-from lora_trainer.data.jsonl import (
+from lora_trainer.data.formats import (
     ChatSample,
-    Message,
+    Columns,
     PromptCompletionSample,
-    read_jsonl,
+    parse_record,
 )
 from lora_trainer.data.packing import (
     IGNORE_INDEX,
@@ -27,13 +28,11 @@ from lora_trainer.data.packing import (
 )
 from lora_trainer.data.sampler import DPBatchSampler, eval_batches
 from lora_trainer.data.tokenize import (
+    SampleTokenizer,
+    Status,
     TokenizedSample,
-    drop_untrained,
+    TokenizeSettings,
     load_tokenizer,
-    tokenize_chat,
-    tokenize_prompt_completion,
-    tokenize_sample,
-    tokenize_samples,
     trained_token_ids,
 )
 from lora_trainer.data.tokenizer_builder import (
@@ -44,9 +43,16 @@ from lora_trainer.data.tokenizer_builder import (
 )
 from lora_trainer.errors import DataError
 
-GOOD_CHAT = {
-    "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,76 +65,123 @@ def tokenizer(tokenizer_dir: Path):
     return load_tokenizer(tokenizer_dir)
 
 
+def tiny_chats() -> list[ChatSample]:
+    return [parse_record(record) for record in tiny_sft_records()]
+
+
+def tokenize(tokenizer, sample, **settings: object) -> TokenizedSample:
+    args: dict[str, object] = {"max_seq_len": 4096, **settings}
+    tokenized, status = SampleTokenizer(tokenizer, TokenizeSettings(**args))(sample)  # type: ignore[arg-type]
+    assert status == Status.KEPT
+    return tokenized
+
+
+def trained_runs(tokenizer, tokenized: TokenizedSample) -> list[str]:
+    """The decoded runs of consecutive trained tokens."""
+    runs, current = [], []
+    for tok, keep in zip(tokenized.input_ids, tokenized.loss_mask, strict=True):
+        if keep:
+            current.append(tok)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
 @pytest.fixture(scope="module")
 def tiny_samples(tokenizer) -> list[TokenizedSample]:
-    return tokenize_samples(tokenizer, read_jsonl(TINY_SFT_PATH)[:120], max_seq_len=64)
+    tokenizer_ = SampleTokenizer(tokenizer, TokenizeSettings(max_seq_len=64))
+    out = [tokenizer_(sample) for sample in tiny_chats()[:120]]
+    return [tokenized for tokenized, status in out if status == Status.KEPT]
 
 
-# --------------------------------------------------------------------------------------- JSONL
+# ------------------------------------------------------------------------------------ row formats
 
 
-BAD_LINES = [
-    ('{"messages": [', "invalid JSON"),
-    ("[1, 2]", "expected a JSON object, got list"),
-    ('{"text": "hello"}', "neither a chat sample"),
-    ('{"messages": [], "prompt": "a", "completion": "b"}', 'both "messages" and "prompt"'),
-    ('{"messages": "hi"}', '"messages" must be a list'),
-    ('{"messages": ["hi"]}', "messages[0] must be an object"),
-    ('{"messages": [{"content": "hi"}]}', 'messages[0] needs a string "role"'),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role 'robot'"),
-    ('{"messages": [{"role": "user", "content": 5}]}', 'messages[0] needs a string "content"'),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
-    ('{"messages": []}', "no assistant turn"),
-    ('{"prompt": "2 + 2 ="}', 'has no "completion"'),
-    ('{"prompt": "2 + 2 =", "completion": 4}', '"completion" must be a string'),
+BAD_ROWS = [
+    ([1, 2], "expected an object, got list"),
+    ({"text": "hello"}, "none of the supported formats"),
+    ({"messages": [], "prompt": "a", "completion": "b"}, "has both a conversation"),
+    ({"messages": "hi"}, '"messages" must be a list'),
+    ({"messages": ["hi"]}, "messages[0] must be an object"),
+    ({"messages": [{"content": "hi"}]}, "messages[0].role is None"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role is 'robot'"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": []}, "is empty"),
+    ({"prompt": "2 + 2 ="}, '"completion" must be a string, got nothing'),
+    ({"prompt": "2 + 2 =", "completion": 4}, '"completion" must be a string, got int'),
+    (
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+          "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
+        "messages[1].tool_calls[0].arguments is a string but not valid JSON",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+          "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]},
+        "messages[1].tool_calls[0].arguments must be a JSON dict, got list",
+    ),
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0].from is 'bot'"),
+    ({"messages": [], "images": ["a.png"]}, 'has "images": image and video training is not supported'),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+          {"type": "text", "text": "what?"}]}, {"role": "assistant", "content": "cat"}]},
+        "messages[0].content[0] is an image part",
+    ),
+    ({"messages": [{"role": "user", "content": "x"}], "videos": ["v.mp4"]}, 'has "videos"'),
 ]
 
 
-@pytest.mark.parametrize(("line", "what"), BAD_LINES)
-def test_bad_jsonl_line_names_file_line_and_problem(tmp_path: Path, line: str, what: str) -> None:
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps(GOOD_CHAT) + "\n\n" + line + "\n" + json.dumps(GOOD_CHAT) + "\n")
-    with pytest.raises(DataError) as info:
-        read_jsonl(path)
-    assert f"{path}:3:" in str(info.value)
+@pytest.mark.parametrize(("row", "what"), BAD_ROWS)
+def test_bad_rows_name_the_field(row: object, what: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_record(row)
     assert what in str(info.value)
 
 
-def test_missing_empty_and_non_utf8_files(tmp_path: Path) -> None:
-    missing = tmp_path / "nope.jsonl"
-    with pytest.raises(DataError, match=r"nope\.jsonl"):
-        read_jsonl(missing)
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n  \n")
-    with pytest.raises(DataError, match="has no samples"):
-        read_jsonl(empty)
-    binary = tmp_path / "binary.jsonl"
-    binary.write_bytes(json.dumps(GOOD_CHAT).encode() + b"\n\xff\xfe\n")
-    with pytest.raises(DataError, match=r"binary.jsonl:2: not valid UTF-8"):
-        read_jsonl(binary)
-
-
-def test_read_jsonl_both_formats(tmp_path: Path) -> None:
-    path = tmp_path / "mixed.jsonl"
-    chat = {
-        "id": 7,
+def test_openai_sharegpt_and_custom_columns_normalize_alike() -> None:
+    call = {"name": "get_weather", "arguments": {"city": "Paris", "unit": None}}
+    openai = {
         "messages": [
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "hi", "name": "bob"},
-            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
+            {"role": "assistant", "content": None, "reasoning_content": None,
+             "tool_calls": [{"type": "function", "function": {**call, "arguments": json.dumps({"city": "Paris"})}}]},
+            {"role": "tool", "content": "sunny", "name": "get_weather"},
+            {"role": "assistant", "content": "Sunny."},
         ],
+        "tools": json.dumps(TOOLS),
+        "id": 7,
     }
-    path.write_text(
-        json.dumps(chat) + "\n   \n" + json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n"
-    )
-    samples = read_jsonl(path)
-    assert samples == [
-        ChatSample(
-            (Message("system", "Be brief."), Message("user", "hi"), Message("assistant", "hello"))
-        ),
-        PromptCompletionSample("1+1=", "2"),
-    ]
-    assert [s.location for s in samples] == [f"{path}:1", f"{path}:3"]
+    sharegpt = {
+        "system": "Be brief.",
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": json.dumps(call)},
+            {"from": "observation", "value": "sunny"},
+            {"from": "gpt", "value": "Sunny."},
+        ],
+        "tools": TOOLS,
+    }
+    a, b = parse_record(openai), parse_record(sharegpt)
+    assert a.tools == b.tools == tuple(TOOLS)
+    assert a.messages[2] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+    }
+    assert [m["content"] for m in a.messages] == ["Be brief.", "Weather in Paris?", "", "sunny", "Sunny."]
+    assert a.messages[3] == {"role": "tool", "content": "sunny", "name": "get_weather"}
+    assert a.messages[:3] + a.messages[4:] == b.messages[:3] + b.messages[4:]
+    assert b.messages[3] == {"role": "tool", "content": "sunny"}
+    renamed = {"chat": openai["messages"], "functions": openai["tools"]}
+    assert parse_record(renamed, Columns.from_mapping({"messages": "chat", "tools": "functions"})) == a
+    pc = parse_record({"instruction": "1+1=", "output": "2"}, Columns(prompt="instruction", completion="output"))
+    assert pc == PromptCompletionSample("1+1=", "2")
+    with pytest.raises(ValueError, match="unknown data.columns key"):
+        Columns.from_mapping({"message": "chat"})
 
 
 # --------------------------------------------------------------------------- tiny data, tokenizer
@@ -138,11 +191,10 @@ def test_shipped_tiny_dataset_is_the_generated_one(tmp_path: Path) -> None:
     regenerated = write_tiny_sft(tmp_path / "tiny.jsonl")
     assert regenerated.read_bytes() == TINY_SFT_PATH.read_bytes()
     assert TINY_SFT_PATH.stat().st_size < 300_000
-    samples = read_jsonl(TINY_SFT_PATH)
-    assert len(samples) == len(tiny_sft_records()) >= 200
-    assert all(isinstance(s, ChatSample) for s in samples)
-    assert any(sum(m.role == "assistant" for m in s.messages) == 2 for s in samples)
-    assert any(s.messages[0].role == "system" for s in samples)
+    samples = tiny_chats()
+    assert len(samples) >= 200
+    assert any(sum(m["role"] == "assistant" for m in s.messages) == 2 for s in samples)
+    assert any(s.messages[0]["role"] == "system" for s in samples)
 
 
 def test_tiny_tokenizer_loads_round_trips_and_is_deterministic(
@@ -152,27 +204,32 @@ def test_tiny_tokenizer_loads_round_trips_and_is_deterministic(
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     assert len(tok) == 512
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
-        509,
-        510,
-        511,
-    ]
+    added = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>",
+             "</tool_call>", "<tool_response>", "</tool_response>"]
+    assert tok.convert_tokens_to_ids(added) == list(range(503, 512))
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     for text in ("What is 12 + 7?", "  two  spaces\n\nand newlines\t", "Grüße, 東京! 🙂", ""):
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        assert max(ids, default=0) < 509
+        assert max(ids, default=0) < 503
         assert tok.decode(ids) == text
     assert len(tok('Reverse the word "banana".')["input_ids"]) < len('Reverse the word "banana".')
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
         tokenize=False,
     )
-    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    assert rendered == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nyo<|im_end|>\n"
+    )
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
-    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert tok("<|im_start|>user", add_special_tokens=False)["input_ids"][0] == 510
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    no_think = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert no_think.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok("<|im_start|>user", add_special_tokens=False)["input_ids"][0] == 504
+    assert tok("<think>x</think>", add_special_tokens=False)["input_ids"][0] == 506
 
     again = build_tiny_tokenizer(tmp_path / "again")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -190,52 +247,98 @@ def test_load_tokenizer_missing_dir(tmp_path: Path) -> None:
 
 
 def test_chat_loss_mask_trains_exactly_the_assistant_turns(tokenizer) -> None:
-    samples = read_jsonl(TINY_SFT_PATH)[:80]
-    assert any(sum(m.role == "assistant" for m in s.messages) == 2 for s in samples)
+    samples = tiny_chats()[:80]
+    assert any(sum(m["role"] == "assistant" for m in s.messages) == 2 for s in samples)
     for sample in samples:
-        tokenized = tokenize_chat(tokenizer, sample)
+        tokenized = tokenize(tokenizer, sample)
         assert len(tokenized.input_ids) == len(tokenized.loss_mask)
-        rendered = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in sample.messages], tokenize=False
-        )
+        rendered = tokenizer.apply_chat_template(list(sample.messages), tokenize=False)
         assert tokenizer.decode(tokenized.input_ids) == rendered
-        expected = "".join(
-            f"{m.content}<|im_end|>\n" for m in sample.messages if m.role == "assistant"
-        )
-        assert tokenizer.decode(trained_token_ids(tokenized)) == expected
-        context = [
-            t for t, keep in zip(tokenized.input_ids, tokenized.loss_mask, strict=True) if not keep
-        ]
-        for message in sample.messages:
-            if message.role != "assistant":
-                assert message.content in tokenizer.decode(context)
+        expected = [f"{m['content']}<|im_end|>\n" for m in sample.messages if m["role"] == "assistant"]
+        assert trained_runs(tokenizer, tokenized) == expected
+        last = tokenize(tokenizer, sample, train_on="last_assistant")
+        assert last.input_ids == tokenized.input_ids
+        assert trained_runs(tokenizer, last) == expected[-1:]
 
 
-def test_multi_turn_mask_spans(tokenizer) -> None:
-    sample = ChatSample(
-        (
-            Message("system", "S"),
-            Message("user", "What is 2 + 3?"),
-            Message("assistant", "2 + 3 = 5."),
-            Message("user", "And twice that?"),
-            Message("assistant", "2 * 5 = 10."),
-        )
+TOOL_CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {
+            "role": "assistant",
+            "content": "Let me check.",
+            "reasoning_content": "Two cities, two calls.",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}},
+                {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome", "days": 1}'}},
+            ],
+        },
+        {"role": "tool", "content": "sunny"},
+        {"role": "tool", "content": "rain"},
+        {"role": "assistant", "content": "<think>\nBoth known.\n</think>\n\nParis: sunny. Rome: rain."},
+    ],
+    "tools": TOOLS,
+}
+
+
+def test_tool_call_and_thinking_masks_match_the_template_rendering(tokenizer) -> None:
+    sample = parse_record(TOOL_CHAT)
+    rendered = tokenizer.apply_chat_template(
+        [dict(m) for m in sample.messages], tools=TOOLS, tokenize=False
     )
-    tokenized = tokenize_chat(tokenizer, sample)
-    runs, current = [], []
-    for tok, keep in zip(tokenized.input_ids, tokenized.loss_mask, strict=True):
-        if keep:
-            current.append(tok)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    runs.append(tokenizer.decode(current))
-    assert runs == ["2 + 3 = 5.<|im_end|>\n", "2 * 5 = 10.<|im_end|>\n"]
+    first = (
+        "Two cities, two calls.\n</think>\n\nLet me check.\n\n"
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n"
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n"
+        "<parameter=days>\n1\n</parameter>\n</function>\n</tool_call><|im_end|>\n"
+    )
+    second = "Both known.\n</think>\n\nParis: sunny. Rome: rain.<|im_end|>\n"
+    assert rendered.count("<|im_start|>assistant\n<think>\n" + first) == 1
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n" + second)
+    assert "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response>" in rendered
+    tokenized = tokenize(tokenizer, sample)
+    assert tokenizer.decode(tokenized.input_ids) == rendered
+    assert trained_runs(tokenizer, tokenized) == [first, second]
+    assert trained_runs(tokenizer, tokenize(tokenizer, sample, train_on="last_assistant")) == [second]
+
+    # the same reasoning given as reasoning_content or as a <think> block renders the same tokens
+    as_field = json.loads(json.dumps(TOOL_CHAT))
+    as_field["messages"][-1] = {"role": "assistant", "content": "Paris: sunny. Rome: rain.", "reasoning_content": "Both known."}
+    assert tokenize(tokenizer, parse_record(as_field)) == tokenized
+
+    # enable_thinking=false: the empty think block of the generation prompt is not trained either
+    plain = parse_record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    for thinking in (True, False):
+        assert trained_runs(tokenizer, tokenize(tokenizer, plain, enable_thinking=thinking)) == ["yo<|im_end|>\n"]
+
+
+def test_earlier_turns_are_masked_as_the_template_renders_them(tokenizer) -> None:
+    """Qwen3.5 drops the reasoning of turns before the last user query: they train without it."""
+    sample = parse_record({"messages": [
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": "5.", "reasoning_content": "add"},
+        {"role": "user", "content": "Twice that?"},
+        {"role": "assistant", "content": "10.", "reasoning_content": "double"},
+    ]})
+    tokenized = tokenize(tokenizer, sample)
+    rendered = tokenizer.apply_chat_template([dict(m) for m in sample.messages], tokenize=False)
+    assert "add" not in rendered and tokenizer.decode(tokenized.input_ids) == rendered
+    assert trained_runs(tokenizer, tokenized) == ["5.<|im_end|>\n", "double\n</think>\n\n10.<|im_end|>\n"]
+
+
+def test_template_markup_in_a_message_is_refused(tokenizer) -> None:
+    sample = ChatSample(
+        ({"role": "user", "content": "say <|im_start|>assistant\nhi"}, {"role": "assistant", "content": "no"}),
+        location="x.jsonl:4",
+    )
+    with pytest.raises(DataError, match=r"x.jsonl:4: .*2 times for 1 assistant turns"):
+        SampleTokenizer(tokenizer, TokenizeSettings(64))(sample)
 
 
 def test_prompt_completion_mask(tokenizer) -> None:
-    sample = PromptCompletionSample("Reverse lemon:", " nomel")
-    tokenized = tokenize_prompt_completion(tokenizer, sample)
+    tokenized = tokenize(tokenizer, PromptCompletionSample("Reverse lemon:", " nomel"))
     prompt_ids = tokenizer("Reverse lemon:", add_special_tokens=False)["input_ids"]
     assert tokenized.input_ids[: len(prompt_ids)] == prompt_ids
     assert tokenized.loss_mask[: len(prompt_ids)] == [0] * len(prompt_ids)
@@ -243,48 +346,34 @@ def test_prompt_completion_mask(tokenizer) -> None:
     assert tokenizer.decode(trained_token_ids(tokenized)) == " nomel<|im_end|>"
 
 
-def test_truncation_and_untrained_samples(tokenizer) -> None:
-    sample = read_jsonl(TINY_SFT_PATH)[1]
-    full = tokenize_sample(tokenizer, sample, max_seq_len=1000)
-    short = tokenize_sample(tokenizer, sample, max_seq_len=6)
-    assert short.input_ids == full.input_ids[:6] and short.loss_mask == full.loss_mask[:6]
-    kept, dropped = drop_untrained([full, short])
-    assert kept == [full] and dropped == 1
-    with pytest.raises(DataError, match="max_seq_len"):
-        tokenize_samples(tokenizer, [sample], max_seq_len=1)
+def test_overlong_and_untrained_samples(tokenizer) -> None:
+    sample = tiny_chats()[1]
+    full = tokenize(tokenizer, sample)
+    n = len(full)
 
+    def run(limit: int, overlong: str) -> tuple[TokenizedSample, Status]:
+        return SampleTokenizer(tokenizer, TokenizeSettings(limit, overlong=overlong))(sample)
 
-def test_template_that_is_not_prefix_stable_is_refused(tokenizer_dir: Path) -> None:
-    tok = load_tokenizer(tokenizer_dir)
-    tok.chat_template = (
-        "{%- for m in messages -%}"
-        "{%- if m['role'] == 'assistant' and loop.last -%}"
-        "{{- '<|im_start|>assistant\\n<think></think>' + m['content'] + '<|im_end|>\\n' -}}"
-        "{%- else -%}"
-        "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-    )
-    two_turns = ChatSample(
-        (
-            Message("user", "a"),
-            Message("assistant", "b"),
-            Message("user", "c"),
-            Message("assistant", "d"),
-        ),
-        location="x.jsonl:4",
-    )
-    with pytest.raises(DataError, match=r"x.jsonl:4: .*assistant turn 1"):
-        tokenize_chat(tok, two_turns)
+    assert run(n, "drop") == (full, Status.KEPT)
+    assert run(n - 1, "drop")[1] == Status.OVERLONG == run(n - 1, "error")[1]
+    cut, status = run(n - 2, "truncate")
+    assert status == Status.TRUNCATED
+    assert cut.input_ids == full.input_ids[: n - 2] and cut.loss_mask == full.loss_mask[: n - 2]
+    assert run(6, "truncate")[1] == Status.UNTRAINED
+    with pytest.raises(DataError, match="max_seq_len must be at least 2"):
+        TokenizeSettings(1)
+    with pytest.raises(DataError, match="data.overlong='cut' is unknown"):
+        TokenizeSettings(8, overlong="cut")
+    with pytest.raises(DataError, match="data.train_on='first' is unknown"):
+        TokenizeSettings(8, train_on="first")
 
 
 # --------------------------------------------------------------------------------------- packing
 
 
 def test_greedy_pack_groups_in_order() -> None:
-    assert greedy_pack([3, 4, 2, 5, 1], 8) == [[0, 1], [2, 3, 4]]
-    assert greedy_pack([8, 8], 8) == [[0], [1]]
+    assert greedy_pack([3, 4, 2, 5, 1], 8).tolist() == [0, 2, 5]
+    assert greedy_pack([8, 8], 8).tolist() == [0, 1, 2]
     with pytest.raises(DataError, match="sample 1 has 9 tokens"):
         greedy_pack([2, 9], 8)
 
@@ -328,8 +417,8 @@ def test_packed_batch_targets_equal_unpacked(
     packed = PackedDataset(tiny_samples, seq_len, tokenizer.pad_token_id, pack=True)
     unpacked = PackedDataset(tiny_samples, seq_len, tokenizer.pad_token_id, pack=False)
     assert len(unpacked) == len(tiny_samples)
-    assert len(packed) <= len(tiny_samples) // 3
-    assert sorted(i for group in packed.groups for i in group) == list(range(len(tiny_samples)))
+    assert len(packed) <= len(tiny_samples) // 2
+    assert packed.starts[0] == 0 and packed.starts[-1] == len(tiny_samples)
 
     batch = collate([packed[i] for i in range(4)])
     _check_batch(batch, 4, seq_len)
@@ -338,7 +427,7 @@ def test_packed_batch_targets_equal_unpacked(
     for row_index in range(len(packed)):
         row = packed[row_index]
         offset = 0
-        for sample_index in packed.groups[row_index]:
+        for sample_index in range(packed.starts[row_index], packed.starts[row_index + 1]):
             n = len(tiny_samples[sample_index])
             alone = unpacked[sample_index]
             assert row.input_ids[offset : offset + n] == alone.input_ids[:n]
@@ -430,9 +519,15 @@ def test_eval_batches_split_in_order() -> None:
 # ------------------------------------------------------------------------------------ datamodule
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data_cache")
+
+
 def _datamodule(tokenizer_dir: Path, rank: int, **kwargs: object) -> SFTDataModule:
     args: dict[str, object] = dict(
         model_dir=tokenizer_dir,
+        cache_dir=kwargs.pop("cache_dir"),
         max_seq_len=96,
         micro_batch_size=2,
         global_batch_size=8,
@@ -444,8 +539,8 @@ def _datamodule(tokenizer_dir: Path, rank: int, **kwargs: object) -> SFTDataModu
     return SFTDataModule(TINY_SFT_PATH, **args)
 
 
-def test_datamodule_batches_shards_and_resume(tokenizer_dir: Path) -> None:
-    dm = _datamodule(tokenizer_dir, rank=0, val_path=TINY_SFT_PATH)
+def test_datamodule_batches_shards_and_resume(tokenizer_dir: Path, cache_dir: Path) -> None:
+    dm = _datamodule(tokenizer_dir, rank=0, val_path=TINY_SFT_PATH, cache_dir=cache_dir)
     dm.setup("fit")
     assert dm.val_dataloader() is not None
     loader = dm.train_dataloader()
@@ -459,7 +554,7 @@ def test_datamodule_batches_shards_and_resume(tokenizer_dir: Path) -> None:
         _check_batch(batch, 2, 96)
     assert dm.consumed_samples == 10 * 2 * 2
 
-    resumed = _datamodule(tokenizer_dir, rank=0, val_path=TINY_SFT_PATH)
+    resumed = _datamodule(tokenizer_dir, rank=0, val_path=TINY_SFT_PATH, cache_dir=cache_dir)
     resumed.load_state_dict(dm.state_dict())
     assert resumed.state_dict() == dm.state_dict()
     resumed.setup("fit")
@@ -472,8 +567,8 @@ def test_datamodule_batches_shards_and_resume(tokenizer_dir: Path) -> None:
     _check_batch(val[0], 2, 96)
 
 
-def test_datamodule_ranks_see_disjoint_rows(tokenizer_dir: Path) -> None:
-    modules = [_datamodule(tokenizer_dir, rank=r, pack=False) for r in range(2)]
+def test_datamodule_ranks_see_disjoint_rows(tokenizer_dir: Path, cache_dir: Path) -> None:
+    modules = [_datamodule(tokenizer_dir, rank=r, pack=False, cache_dir=cache_dir) for r in range(2)]
     for dm in modules:
         dm.setup("fit")
     assert modules[0].val_dataloader() == []
@@ -508,7 +603,7 @@ class Recorder(pl.LightningModule):
 
 
 def test_lightning_resume_mid_epoch_continues_the_same_batches(
-    tokenizer_dir: Path, tmp_path: Path
+    tokenizer_dir: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
     def fit(steps: int, ckpt: Path | None = None, save: Path | None = None) -> list[list[int]]:
         trainer = pl.Trainer(
@@ -523,14 +618,14 @@ def test_lightning_resume_mid_epoch_continues_the_same_batches(
             default_root_dir=tmp_path,
         )
         module = Recorder()
-        dm = _datamodule(tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4)
+        dm = _datamodule(tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4, cache_dir=cache_dir)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         if save is not None:
             trainer.save_checkpoint(save)
         return module.seen
 
     ckpt = tmp_path / "step.ckpt"
-    probe = _datamodule(tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4)
+    probe = _datamodule(tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4, cache_dir=cache_dir)
     probe.setup("fit")
     per_epoch = len(probe.train_sampler)
     assert per_epoch >= 8
@@ -541,10 +636,11 @@ def test_lightning_resume_mid_epoch_continues_the_same_batches(
     assert head + tail == full
 
 
-def test_datamodule_data_parallel_defaults(tokenizer_dir: Path) -> None:
+def test_datamodule_data_parallel_defaults(tokenizer_dir: Path, cache_dir: Path) -> None:
     dm = SFTDataModule(
         TINY_SFT_PATH,
         model_dir=tokenizer_dir,
+        cache_dir=cache_dir,
         max_seq_len=64,
         micro_batch_size=1,
         global_batch_size=4,

@@ -14,6 +14,7 @@ micro-batches an uninterrupted run would have used next.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from lora_trainer.data.packing import PackedDataset, TokenizedRows, collate
 from lora_trainer.data.pipeline import mix, parse_sources, tokenize_source
 from lora_trainer.data.sampler import DPBatchSampler, eval_batches
 from lora_trainer.data.tokenize import TokenizeSettings, load_tokenizer
+from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
 from lora_trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,29 @@ class SFTDataModule(LightningDataModule):
             if dp_rank is None or dp_size is None:
                 raise DataError("pass both dp_rank and dp_size, or neither")
             self.set_data_parallel(dp_rank, dp_size)
+
+    @classmethod
+    def from_config(
+        cls, data: Any, *, model_dir: str | Path, micro_batch_size: int, global_batch_size: int
+    ) -> SFTDataModule:
+        """The data module of a run's `data` section (`lora_trainer.training.config.DataSection`);
+        a null `train_path` means the shipped tiny dataset."""
+        return cls(
+            data.train_path if data.train_path is not None else TINY_SFT_PATH,
+            model_dir=model_dir,
+            max_seq_len=data.max_seq_len,
+            micro_batch_size=micro_batch_size,
+            global_batch_size=global_batch_size,
+            val_path=data.val_path,
+            pack=data.pack,
+            seed=data.seed,
+            train_on=str(data.train_on),
+            enable_thinking=data.enable_thinking,
+            overlong=str(data.overlong),
+            columns=dataclasses.asdict(data.columns),
+            cache_dir=data.cache_dir,
+            num_proc=data.num_proc,
+        )
 
     def set_data_parallel(self, dp_rank: int, dp_size: int) -> None:
         """Use this DP rank and size instead of megatron's; call before `setup`."""

@@ -6,8 +6,8 @@ Accepted rows (column names configurable with `Columns`):
   assistant, tool) and a `content` (a string, null, or a list of ``{"type": "text", "text": ...}``
   parts, joined); an assistant message may carry `reasoning_content` and `tool_calls`
   (``{"type": "function", "function": {"name": ..., "arguments": ...}}`` or the bare function
-  object, `arguments` a JSON string or an object); a tool message may carry `name` and
-  `tool_call_id`. `tools` is a list of function schemas, or a JSON string of one.
+  object, `arguments` a JSON string or an object; its null content becomes ""); a tool message
+  may carry `name` and `tool_call_id`. `tools` is a list of function schemas, or a JSON string of one.
 - ShareGPT: ``{"conversations": [{"from": ..., "value": ...}, ...], "system": ..., "tools": ...}``
   with `from` one of system, human, gpt, function_call (value: a JSON object ``{"name",
   "arguments"}`` or a list of them), observation; mapped to the OpenAI form above.
@@ -173,8 +173,10 @@ def _message(item: Any, where: str) -> dict[str, Any]:
         for key in ("name", "tool_call_id"):
             if isinstance(item.get(key), str):
                 message[key] = item[key]
-    if message["content"] is None and "tool_calls" not in message:
-        raise ValueError(f'{where} has no "content"')
+    if message["content"] is None:
+        if "tool_calls" not in message:
+            raise ValueError(f'{where} has no "content"')
+        message["content"] = ""
     return message
 
 

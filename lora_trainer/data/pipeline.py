@@ -241,16 +241,33 @@ def tokenize_source(
     `Summary`; tokenized now or loaded from the cache. `key` (e.g. ``data.train_path``) names
     the setting in errors and in the summary line.
     """
+    try:
+        return _tokenize_source(spec, model_dir, settings, columns, Path(cache_dir), key, num_proc)
+    except DataError as err:
+        if str(err).startswith(f"{key}: "):
+            raise
+        raise DataError(f"{key}: {err}") from err
+
+
+def _tokenize_source(
+    spec: SourceSpec,
+    model_dir: Path,
+    settings: TokenizeSettings,
+    columns: Columns,
+    cache_dir: Path,
+    key: str,
+    num_proc: int | None,
+) -> tuple[Any, Summary]:
     import datasets
     from filelock import FileLock
 
     source = resolve_source(spec.path)
     tokenizer = load_tokenizer(model_dir)
-    folder = Path(cache_dir).absolute() / f"tokenized-{cache_key(source, model_dir, tokenizer, settings, columns)}"
+    folder = cache_dir.absolute() / f"tokenized-{cache_key(source, model_dir, tokenizer, settings, columns)}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / "summary.json").is_file():
-            _build(source, folder, model_dir, tokenizer, settings, columns, key, num_proc)
+            _build(source, folder, model_dir, tokenizer, settings, columns, num_proc)
     summary = Summary(**json.loads((folder / "summary.json").read_text()))
     if settings.overlong == "error" and summary.counts.get("OVERLONG"):
         raise DataError(
@@ -275,7 +292,6 @@ def _build(
     tokenizer: Any,
     settings: TokenizeSettings,
     columns: Columns,
-    key: str,
     num_proc: int | None,
 ) -> None:
     work = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
@@ -283,7 +299,7 @@ def _build(
     try:
         rows, locator = load_rows(source, work / "rows")
         if len(rows) == 0:
-            raise DataError(f"{key}: {source.path} has no rows")
+            raise DataError(f"{source.path} has no rows")
         tokenized = rows.map(
             _tokenize_batch,
             batched=True,
@@ -312,10 +328,6 @@ def _build(
         shutil.rmtree(work / "rows", ignore_errors=True)
         shutil.rmtree(work / "tokenized", ignore_errors=True)
         os.replace(work, folder)
-    except DataError as err:
-        if str(err).startswith(key):
-            raise
-        raise DataError(f"{key}: {err}") from err
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -16,7 +16,6 @@ import torch
 from callbacks.checkpoint_export import CheckpointExportCallback
 from callbacks.step_progress import StepProgressBar
 from lora_trainer.data.datamodule import SFTDataModule
-from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
 from lora_trainer.export.background import complete_export, pending_exports
 from lora_trainer.training.checkpoints import is_complete_save, step_of
 from lora_trainer.training.config import TrainConfig
@@ -79,15 +78,11 @@ def train(config: TrainConfig, resolved: Any) -> None:
         f"{config.checkpoint.every_n_steps} steps to {Path(config.output_dir) / 'checkpoints'}"
     )
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    data = SFTDataModule(
-        config.data.train_path or str(TINY_SFT_PATH),
+    data = SFTDataModule.from_config(
+        config.data,
         model_dir=str(resolved.hf_path),
-        max_seq_len=config.data.max_seq_len,
         micro_batch_size=config.trainer.micro_batch_size,
         global_batch_size=config.trainer.global_batch_size,
-        val_path=config.data.val_path,
-        pack=config.data.pack,
-        seed=config.data.seed,
     )
     module = LoraTrainingModule(config, str(resolved.hf_path), resolved.num_microbatches, resolved.parallel)
     saver = CheckpointExportCallback(config, check_batch(resolved.spec.vocab_size), resolved.resume_path)

@@ -47,3 +47,18 @@ class LoggerKind(StrEnum):
 
     wandb = "wandb"
     none = "none"
+
+
+class TrainOn(StrEnum):
+    """`data.train_on`: which assistant turns of a conversation are trained."""
+
+    all_assistant = "all_assistant"
+    last_assistant = "last_assistant"
+
+
+class Overlong(StrEnum):
+    """`data.overlong`: what becomes of a sample longer than `data.max_seq_len` tokens."""
+
+    drop = "drop"
+    truncate = "truncate"
+    error = "error"

@@ -16,11 +16,19 @@ These field names are the public contract of `python train.py key=value` overrid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from lora_trainer.lora.config import ALL_TARGETS, LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
-from lora_trainer.training.choices import ExportProfile, LoggerKind, LoraStyle, ModelDtype, TinyKind
+from lora_trainer.training.choices import (
+    ExportProfile,
+    LoggerKind,
+    LoraStyle,
+    ModelDtype,
+    Overlong,
+    TinyKind,
+    TrainOn,
+)
 
 
 @dataclass
@@ -71,15 +79,37 @@ class ParallelSection:
 
 
 @dataclass
-class DataSection:
-    """JSONL SFT data; `train_path` null means the small chat dataset shipped with lora_trainer,
-    `val_path` null no validation. `pack` packs several samples into each `max_seq_len` row."""
+class DataColumns:
+    """Column names of the row formats (`lora_trainer.data.formats.Columns`)."""
 
-    train_path: Optional[str] = None
-    val_path: Optional[str] = None
+    messages: str = "messages"
+    tools: str = "tools"
+    conversations: str = "conversations"
+    system: str = "system"
+    prompt: str = "prompt"
+    completion: str = "completion"
+
+
+@dataclass
+class DataSection:
+    """SFT data; `train_path` null means the small chat dataset shipped with lora_trainer, `val_path`
+    null no validation. `train_path` / `val_path` are a path (JSONL/JSON, Parquet, a folder of
+    shards, a datasets folder) or a list of paths / `{path, weight}` / `{path, samples}` (a mixture,
+    ordered by `seed`); see `lora_trainer.data.pipeline`. `pack` packs several samples into each
+    `max_seq_len` row; `overlong` says what becomes of longer samples. Tokenized data is cached
+    under `cache_dir` (`num_proc` tokenizer processes; null: one per CPU core)."""
+
+    train_path: Any = None
+    val_path: Any = None
     max_seq_len: int = 128
     pack: bool = True
     seed: int = 0
+    train_on: TrainOn = TrainOn.all_assistant
+    enable_thinking: bool = True
+    overlong: Overlong = Overlong.drop
+    columns: DataColumns = field(default_factory=DataColumns)
+    cache_dir: str = ".cache/data"
+    num_proc: Optional[int] = None
 
 
 @dataclass

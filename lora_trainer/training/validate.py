@@ -17,12 +17,13 @@ import logging
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from lora_trainer.bridge.safetensors_io import CheckpointReader
-from lora_trainer.data.jsonl import read_jsonl
+from lora_trainer.data.datamodule import SFTDataModule
+from lora_trainer.data.pipeline import SourceSpec, parse_sources
 from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
-from lora_trainer.errors import CheckpointError, ConfigError, DataError, ParallelConfigError
+from lora_trainer.errors import CheckpointError, ConfigError, ParallelConfigError
 from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.lora.config import LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
@@ -54,7 +55,8 @@ class ResolvedRun:
     - `world_size` = trainer.devices * trainer.num_nodes; `dp_size` = world / (tp * pp);
       `expert_dp_size` = world / (etp * ep * pp);
     - `num_microbatches` = global_batch_size / (micro_batch_size * dp_size) per optimizer step;
-    - `train_path`, `val_path`: the data files (the shipped tiny dataset when data.train_path is null);
+    - `train_sources`, `val_sources`: the data paths with their mixture weights (the shipped tiny
+      dataset when data.train_path is null);
     - `output_dir`; `resume_path`: the complete save to resume from, or None to start fresh.
     """
 
@@ -66,8 +68,8 @@ class ResolvedRun:
     dp_size: int
     expert_dp_size: int
     num_microbatches: int
-    train_path: Path
-    val_path: Path | None
+    train_sources: tuple[SourceSpec, ...]
+    val_sources: tuple[SourceSpec, ...] | None
     output_dir: Path
     resume_path: Path | None
 
@@ -82,12 +84,11 @@ class ResolvedRun:
 
 
 def validate_config(config: TrainConfig) -> ResolvedRun:
-    """Check everything checkable before ranks start; build the tiny model if it is used."""
+    """Check everything checkable before ranks start; build the tiny model if it is used; read,
+    check and tokenize the data into its cache (the ranks load it from there)."""
     run = _resolve(config, build_tiny=True)
     _check_shards(run.hf_path)
-    _check_data("data.train_path", run.train_path)
-    if run.val_path is not None:
-        _check_data("data.val_path", run.val_path)
+    _check_data(config, run)
     if run.resume_path is not None:
         check_resume(run.resume_path, config, run.hf_path, run.world_size, run.parallel)
     return run
@@ -122,8 +123,8 @@ def _resolve(config: TrainConfig, build_tiny: bool) -> ResolvedRun:
         dp_size=dp,
         expert_dp_size=parallel.expert_dp_size(world),
         num_microbatches=num_microbatches,
-        train_path=_data_path(config.data.train_path) or TINY_SFT_PATH,
-        val_path=_data_path(config.data.val_path),
+        train_sources=parse_sources(config.data.train_path or TINY_SFT_PATH, "data.train_path"),
+        val_sources=_data_sources(config.data.val_path, "data.val_path"),
         output_dir=output_dir,
         resume_path=find_resume(config.resume, output_dir / CHECKPOINTS_DIR, announce=build_tiny),
     )
@@ -272,12 +273,19 @@ def _num_microbatches(config: TrainConfig, dp: int) -> int:
     return global_batch // per_step
 
 
-def _data_path(path: str | None) -> Path | None:
-    return None if path is None else Path(path).expanduser().absolute()
+def _data_sources(value: Any, key: str) -> tuple[SourceSpec, ...] | None:
+    return None if value is None else parse_sources(value, key)
 
 
-def _check_data(key: str, path: Path) -> None:
-    try:
-        read_jsonl(path)
-    except DataError as err:
-        raise DataError(f"{key}: {err}") from err
+def _check_data(config: TrainConfig, run: ResolvedRun) -> None:
+    """Tokenize every data source into the cache: bad rows, unknown formats, empty sources,
+    overlong samples with data.overlong=error and a missing chat template fail here."""
+    data = SFTDataModule.from_config(
+        config.data,
+        model_dir=run.hf_path,
+        micro_batch_size=config.trainer.micro_batch_size,
+        global_batch_size=config.trainer.global_batch_size,
+    )
+    data.samples("data.train_path", announce=True)
+    if config.data.val_path is not None:
+        data.samples("data.val_path", announce=True)
