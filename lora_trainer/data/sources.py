@@ -92,6 +92,11 @@ def resolve_source(path: str | Path) -> Source:
     raise DataError(f"the dataset path {path} does not exist; use {SUPPORTED}")
 
 
+def _has_line(path: Path) -> bool:
+    with path.open("rb") as f:
+        return any(raw.strip() for raw in f)
+
+
 def _json_lines(files: list[str]) -> Iterator[dict[str, Any]]:
     for shard, name in enumerate(files):
         with open(name, "rb") as f:
@@ -146,6 +151,8 @@ def load_rows(source: Source, cache_dir: Path) -> tuple[Any, Locator]:
     import datasets
 
     files = [str(f) for f in source.files]
+    if source.kind == "jsonl" and not any(_has_line(f) for f in source.files):
+        raise DataError(f"{source.path} has no rows")
     try:
         if source.kind in ("jsonl", "json_array"):
             generator = _json_lines if source.kind == "jsonl" else _json_array
