@@ -296,3 +296,22 @@ def test_missing_chat_template_is_a_tokenizer_error(tokenizer_dir: Path, tmp_pat
     completions = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}])
     samples, summary = tokenize(completions, bare, tmp_path / "cache")
     assert len(samples) == 1 and summary.counts == {"KEPT": 1}
+
+
+def test_parallel_tokenization_equals_serial_and_reports_bad_rows(
+    tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", rows(24))
+    serial, _ = tokenize(path, tokenizer_dir, tmp_path / "serial")
+    monkeypatch.setattr(pipeline, "ROWS_PER_PROCESS", 8)
+    parallel, summary = tokenize_source(
+        SourceSpec(path), model_dir=tokenizer_dir, settings=TokenizeSettings(160),
+        columns=Columns(), cache_dir=tmp_path / "parallel", key="data.train_path", num_proc=2,
+    )
+    assert summary.rows == 24 and parallel["input_ids"][:] == serial["input_ids"][:]
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows(20) + [{"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(DataError, match=rf"{bad}:21: \"messages\" has no assistant turn"):
+        tokenize_source(
+            SourceSpec(bad), model_dir=tokenizer_dir, settings=TokenizeSettings(160),
+            columns=Columns(), cache_dir=tmp_path / "parallel", key="data.train_path", num_proc=2,
+        )

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 MAX_LOCATIONS = 5
-ROWS_PER_PROCESS = 20_000
+ROWS_PER_PROCESS = 10_000
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -242,7 +242,7 @@ def tokenize_source(
     the setting in errors and in the summary line.
     """
     try:
-        return _tokenize_source(spec, model_dir, settings, columns, Path(cache_dir), key, num_proc)
+        return _tokenize_source(spec, Path(model_dir), settings, columns, Path(cache_dir), key, num_proc)
     except DataError as err:
         if str(err).startswith(f"{key}: "):
             raise

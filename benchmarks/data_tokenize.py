@@ -1,0 +1,141 @@
+"""Tokenization speed and peak memory of the data pipeline on large generated Parquet datasets.
+
+For each `--rows` count, in a temporary directory: writes a Parquet dataset of that many chat rows
+(the tiny SFT generator, in 50,000-row row groups, from a separate process), builds the tiny
+tokenizer (Qwen3.5 chat template), then tokenizes the dataset with
+`lora_trainer.data.pipeline.tokenize_source` in a fresh subprocess (`--num-proc` tokenizer
+processes) and reports its wall time, rows/s and peak RSS: the measuring process's own `VmHWM`
+and the largest tokenizer child's (`getrusage(RUSAGE_CHILDREN)`, which on Linux also counts the
+parent's RSS at fork). Then a second run on the same data, which must load the cache instead.
+
+Prints one line per size and the ratios of the largest size to the smallest: rows/s (goal ~1:
+tokenization scales linearly) and peak RSS (goal ~1: memory does not grow with the row count).
+Deletes everything it wrote.
+
+    python benchmarks/data_tokenize.py [--rows 100000 1000000] [--num-proc 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHUNK = 50_000
+
+
+def generate(path: Path, rows: int) -> None:
+    """Write `rows` chat rows as one Parquet file, `CHUNK` rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lora_trainer.data.tokenizer_builder import tiny_sft_records
+
+    writer = None
+    for start in range(0, rows, CHUNK):
+        records = tiny_sft_records(min(CHUNK, rows - start), seed=start)
+        table = pa.Table.from_pylist(records)
+        if writer is None:
+            writer = pq.ParquetWriter(str(path), table.schema)
+        writer.write_table(table.cast(writer.schema))
+    assert writer is not None
+    writer.close()
+
+
+def vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(data: Path, tokenizer_dir: Path, cache: Path, num_proc: int) -> None:
+    """Tokenize `data` into `cache` and print a JSON line of the figures."""
+    from lora_trainer.data.formats import Columns
+    from lora_trainer.data.pipeline import SourceSpec, tokenize_source
+    from lora_trainer.data.tokenize import TokenizeSettings
+
+    start = time.perf_counter()
+    samples, summary = tokenize_source(
+        SourceSpec(data),
+        model_dir=tokenizer_dir,
+        settings=TokenizeSettings(max_seq_len=256),
+        columns=Columns(),
+        cache_dir=cache,
+        key="data.train_path",
+        num_proc=num_proc,
+    )
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "rows": summary.rows,
+                "kept": len(samples),
+                "seconds": seconds,
+                "rows_per_s": summary.rows / seconds,
+                "parent_peak_mib": vm_hwm_mib(),
+                "child_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            }
+        )
+    )
+
+
+def run(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--num-proc", type=int, default=2)
+    parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.generate:
+        generate(Path(args.generate[0]), int(args.generate[1]))
+        return
+    if args.measure:
+        measure(*(Path(p) for p in args.measure), num_proc=args.num_proc)
+        return
+
+    from lora_trainer.data.tokenizer_builder import build_tiny_tokenizer
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="data_tokenize_") as tmp:
+        root = Path(tmp)
+        tokenizer_dir = build_tiny_tokenizer(root / "tokenizer")
+        for rows in args.rows:
+            data = root / f"rows-{rows}.parquet"
+            subprocess.run(
+                [sys.executable, __file__, "--generate", str(data), str(rows)], check=True
+            )
+            cache = root / f"cache-{rows}"
+            first = run("--measure", str(data), str(tokenizer_dir), str(cache), "--num-proc", str(args.num_proc))
+            again = run("--measure", str(data), str(tokenizer_dir), str(cache), "--num-proc", str(args.num_proc))
+            results[rows] = first
+            print(
+                f"{rows:>9,} rows: {first['rows_per_s']:8.0f} rows/s ({first['seconds']:.1f} s, "
+                f"{args.num_proc} processes), peak RSS {first['parent_peak_mib']:.0f} MiB "
+                f"(largest child {first['child_peak_mib']:.0f} MiB); cached reload "
+                f"{again['seconds']:.2f} s, peak RSS {again['parent_peak_mib']:.0f} MiB",
+                flush=True,
+            )
+            data.unlink()
+    small, large = results[min(results)], results[max(results)]
+    child = large["child_peak_mib"] / max(small["child_peak_mib"], 1.0)
+    print(
+        f"{max(results):,} / {min(results):,} rows: rows/s x{large['rows_per_s'] / small['rows_per_s']:.2f}, "
+        f"peak RSS x{large['parent_peak_mib'] / small['parent_peak_mib']:.2f} (largest child x{child:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
