@@ -315,3 +315,35 @@ def test_parallel_tokenization_equals_serial_and_reports_bad_rows(
             SourceSpec(bad), model_dir=tokenizer_dir, settings=TokenizeSettings(160),
             columns=Columns(), cache_dir=tmp_path / "parallel", key="data.train_path", num_proc=2,
         )
+
+
+def test_training_on_jsonl_and_on_a_datasets_folder_gives_the_same_adapter(tmp_path: Path) -> None:
+    """End to end, `python train.py` on 2 ranks: the same rows as JSONL and as a datasets folder."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parent.parent
+    records = rows(40)
+    jsonl = write_jsonl(tmp_path / "train.jsonl", records)
+    saved = tmp_path / "saved"
+    arrow(records).save_to_disk(str(saved))
+    adapters = []
+    for name, path in (("jsonl", jsonl), ("saved", saved)):
+        out = tmp_path / name
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+        env.update(TORCHDYNAMO_DISABLE="1", HOME=str(out))
+        run = subprocess.run(
+            [sys.executable, "train.py", f"output_dir={out}", f"data.train_path={path}",
+             f"data.cache_dir={tmp_path / 'cache'}", "data.max_seq_len=128", "trainer.max_steps=2",
+             "trainer.global_batch_size=4", "trainer.micro_batch_size=1", "checkpoint.every_n_steps=2",
+             "export.merged=false", "logger=none", f"model.tiny_cache_dir={repo / '.cache' / 'tiny_models'}"],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+        adapters.append(load_file(str(out / "checkpoints" / "step-2" / "hf_adapter" / "adapter_model.safetensors")))
+    assert sorted(adapters[0]) == sorted(adapters[1])
+    assert any(t.abs().sum() > 0 for k, t in adapters[0].items() if "lora_B" in k)
+    for key, tensor in adapters[0].items():
+        assert torch.equal(tensor, adapters[1][key]), key

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -40,8 +39,6 @@ from lora_trainer.data.tokenize import (
     require_chat_template,
 )
 from lora_trainer.errors import DataError
-
-log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 MAX_LOCATIONS = 5

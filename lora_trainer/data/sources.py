@@ -31,7 +31,6 @@ from lora_trainer.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
-TEXT_COLUMNS = ("shard", "line", "text")
 SUPPORTED = (
     "a .jsonl/.json file, a .parquet file, a folder of .parquet or .jsonl shards, "
     "or a datasets.save_to_disk folder"

@@ -2,7 +2,8 @@
 
 `validate_config` raises a `LoraTrainerError` subclass naming the offending key and the fix
 (`ConfigError`, `ParallelConfigError`, `LoraConfigError`, `CheckpointError`, `DataError`), builds
-the tiny model when the config asks for it, reads the data files through, and returns the
+the tiny model when the config asks for it, reads and tokenizes the data into its cache (bad rows,
+a missing chat template and overlong samples with `data.overlong=error` fail here), and returns the
 `ResolvedRun` that every rank trains with. `resolve_run` computes the same `ResolvedRun` without
 building or reading data, for the local ranks Lightning relaunches after validation passed.
 
