@@ -57,7 +57,7 @@ def vm_hwm_mib() -> float:
 def measure(data: Path, tokenizer_dir: Path, cache: Path, num_proc: int) -> None:
     """Tokenize `data` into `cache` and print a JSON line of the figures (imports not timed)."""
     import datasets  # noqa: F401
-    import transformers  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401
 
     from lora_trainer.data.formats import Columns
     from lora_trainer.data.pipeline import SourceSpec, tokenize_source
