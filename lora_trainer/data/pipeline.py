@@ -161,7 +161,6 @@ def _tokenize_batch(
     model_dir: str,
     settings: TokenizeSettings,
     columns: Columns,
-    has_template: bool,
 ) -> dict[str, list[Any]]:
     tokenize = _sample_tokenizer(model_dir, settings)
     json_rows = "text" in batch and locator.source.kind in ("jsonl", "json_array")
@@ -180,7 +179,7 @@ def _tokenize_batch(
             sample = parse_record(record, columns, location)
         except ValueError as err:
             raise DataError(f"{location}: {err}") from err
-        if isinstance(sample, ChatSample) and not has_template:
+        if isinstance(sample, ChatSample):
             require_chat_template(tokenize.tokenizer, model_dir)
         tokenized, status = tokenize(sample)
         keep = status in (Status.KEPT, Status.TRUNCATED)
@@ -264,7 +263,7 @@ def _tokenize_source(
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / "summary.json").is_file():
-            _build(source, folder, model_dir, tokenizer, settings, columns, num_proc)
+            _build(source, folder, model_dir, settings, columns, num_proc)
     summary = Summary(**json.loads((folder / "summary.json").read_text()))
     if settings.overlong == "error" and summary.counts.get("OVERLONG"):
         raise DataError(
@@ -286,7 +285,6 @@ def _build(
     source: Source,
     folder: Path,
     model_dir: Path,
-    tokenizer: Any,
     settings: TokenizeSettings,
     columns: Columns,
     num_proc: int | None,
@@ -310,7 +308,6 @@ def _build(
                 "model_dir": str(model_dir),
                 "settings": settings,
                 "columns": columns,
-                "has_template": bool(getattr(tokenizer, "chat_template", None)),
             },
             cache_file_name=str(work / "tokenized" / "map.arrow"),
             new_fingerprint=folder.name,
