@@ -164,16 +164,18 @@ def _tokenize_batch(
 ) -> dict[str, list[Any]]:
     tokenize = _sample_tokenizer(model_dir, settings)
     json_rows = "text" in batch and locator.source.kind in ("jsonl", "json_array")
-    out: dict[str, list[Any]] = {"input_ids": [], "loss_mask": [], "length": [], "status": [], "location": []}
+    out: dict[str, list[Any]] = {
+        "input_ids": [], "loss_mask": [], "length": [], "status": [], "row": [], "shard": [], "line": []
+    }
     for k, index in enumerate(indices):
+        shard, line = (batch["shard"][k], batch["line"][k]) if json_rows else (0, 0)
+        location = locator(index, shard, line)
         if json_rows:
-            location = locator(index, batch["shard"][k], batch["line"][k])
             try:
                 record = json.loads(batch["text"][k])
             except json.JSONDecodeError as err:
                 raise DataError(f"{location}: invalid JSON: {err.msg} (column {err.colno})") from err
         else:
-            location = locator(index)
             record = {name: values[k] for name, values in batch.items()}
         try:
             sample = parse_record(record, columns, location)
@@ -187,7 +189,9 @@ def _tokenize_batch(
         out["loss_mask"].append(tokenized.loss_mask if keep else [])
         out["length"].append(len(tokenized))
         out["status"].append(int(status))
-        out["location"].append(location)
+        out["row"].append(index)
+        out["shard"].append(shard)
+        out["line"].append(line)
     return out
 
 
@@ -200,12 +204,14 @@ def _features() -> Any:
             "loss_mask": datasets.Sequence(datasets.Value("int8")),
             "length": datasets.Value("int32"),
             "status": datasets.Value("int8"),
-            "location": datasets.Value("string"),
+            "row": datasets.Value("int64"),
+            "shard": datasets.Value("int32"),
+            "line": datasets.Value("int64"),
         }
     )
 
 
-def _summarize(tokenized: Any) -> Summary:
+def _summarize(tokenized: Any, locator: Locator) -> Summary:
     status = np.asarray(tokenized.data.column("status").to_numpy(), dtype=np.int64)
     counts, examples = {}, {}
     for kind in Status:
@@ -213,7 +219,8 @@ def _summarize(tokenized: Any) -> Summary:
         if len(where):
             counts[kind.name] = int(len(where))
         if len(where) and kind != Status.KEPT:
-            examples[kind.name] = list(tokenized.select(where[:MAX_LOCATIONS])["location"])
+            first = tokenized.select(where[:MAX_LOCATIONS]).select_columns(["row", "shard", "line"])
+            examples[kind.name] = [locator(r["row"], r["shard"], r["line"]) for r in first]
     return Summary(int(len(status)), counts, examples)
 
 
@@ -313,7 +320,7 @@ def _build(
             new_fingerprint=folder.name,
             desc=f"Tokenizing {source.path.name}",
         )
-        summary = _summarize(tokenized)
+        summary = _summarize(tokenized, locator)
         status = tokenized.data.column("status").to_numpy()
         kept = np.flatnonzero(status <= Status.TRUNCATED)
         samples = tokenized.select(kept).select_columns(["input_ids", "loss_mask", "length"])
