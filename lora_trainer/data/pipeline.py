@@ -212,16 +212,28 @@ def _features() -> Any:
 
 
 def _summarize(tokenized: Any, locator: Locator) -> Summary:
-    status = np.asarray(tokenized.data.column("status").to_numpy(), dtype=np.int64)
-    counts, examples = {}, {}
-    for kind in Status:
-        where = np.flatnonzero(status == kind)
-        if len(where):
-            counts[kind.name] = int(len(where))
-        if len(where) and kind != Status.KEPT:
-            first = tokenized.select(where[:MAX_LOCATIONS]).select_columns(["row", "shard", "line"])
+    """Counts by `Status` and the first locations of each dropped or truncated kind, reading the
+    status column chunk by chunk (memory does not grow with the row count)."""
+    counts = np.zeros(len(Status), dtype=np.int64)
+    firsts: dict[Status, list[int]] = {kind: [] for kind in Status if kind != Status.KEPT}
+    offset = 0
+    for chunk in tokenized.data.column("status").chunks:
+        status = chunk.to_numpy()
+        counts += np.bincount(status, minlength=len(Status))
+        for kind, rows in firsts.items():
+            if len(rows) < MAX_LOCATIONS:
+                rows += (np.flatnonzero(status == kind)[: MAX_LOCATIONS - len(rows)] + offset).tolist()
+        offset += len(status)
+    examples = {}
+    for kind, rows in firsts.items():
+        if rows:
+            first = tokenized.select(rows).select_columns(["row", "shard", "line"])
             examples[kind.name] = [locator(r["row"], r["shard"], r["line"]) for r in first]
-    return Summary(int(len(status)), counts, examples)
+    return Summary(offset, {kind.name: int(counts[kind]) for kind in Status if counts[kind]}, examples)
+
+
+def _kept(statuses: list[int]) -> list[bool]:
+    return [status <= Status.TRUNCATED for status in statuses]
 
 
 def _num_proc(rows: int, num_proc: int | None) -> int | None:
@@ -321,10 +333,16 @@ def _build(
             desc=f"Tokenizing {source.path.name}",
         )
         summary = _summarize(tokenized, locator)
-        status = tokenized.data.column("status").to_numpy()
-        kept = np.flatnonzero(status <= Status.TRUNCATED)
-        samples = tokenized.select(kept).select_columns(["input_ids", "loss_mask", "length"])
-        samples.save_to_disk(str(work / "samples"))
+        kept = tokenized.filter(
+            _kept,
+            input_columns="status",
+            batched=True,
+            batch_size=10_000,
+            cache_file_name=str(work / "tokenized" / "kept.arrow"),
+            new_fingerprint=f"{folder.name}-kept",
+            desc="Keeping samples",
+        )
+        kept.select_columns(["input_ids", "loss_mask", "length"]).save_to_disk(str(work / "samples"))
         (work / "summary.json").write_text(json.dumps(asdict(summary)))
         shutil.rmtree(work / "rows", ignore_errors=True)
         shutil.rmtree(work / "tokenized", ignore_errors=True)
