@@ -73,6 +73,7 @@ def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: 
     from lora_trainer.bridge.build import build_model_from_hf
     from lora_trainer.export.gather_adapter import gather_hf_adapter
     from lora_trainer.lora.config import LoraConfig
+    from lora_trainer.lora.experts import linear_adapters
     from lora_trainer.lora.inject import inject_lora
     from lora_trainer.parallel.config import ParallelConfig
     from lora_trainer.parallel.state import destroy_parallel, initialize_parallel
@@ -85,7 +86,7 @@ def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: 
         for kind, path in checkpoints.items():
             loaded = build_model_from_hf(Path(path), config, params_dtype=dtype)
             adapters = inject_lora(loaded.model, lora_config)
-            for adapter in adapters:
+            for adapter in linear_adapters(adapters):
                 adapter.set_full(*random_full_factors(adapter, seed=5))
             logits = forward_backward(loaded.model, input_ids)
             _finalize_grads(loaded.model)

@@ -49,7 +49,7 @@ def gather_mapped(
     for mapping in mappings:
         if not mapping.exported:
             continue
-        shards = gather_shards(tensors[mapping.megatron_name], mapping.group)
+        shards = gather_shards(mapping.local_tensor(tensors), mapping.group)
         rank, _ = group_rank_size(mapping.group)
         if rank == 0:
             out.update(mapping.transform.unshard(shards))

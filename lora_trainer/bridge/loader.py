@@ -132,9 +132,9 @@ def load_hf_checkpoint(model: Qwen35Model, path: str | Path) -> ExpertLayout:
         source = CheckpointSource(reader)
         params = dict(model.named_parameters())
         for mapping in mappings:
-            param = params.get(mapping.megatron_name)
-            if param is None:
+            if mapping.megatron_name not in params:
                 raise CheckpointError(f"internal: the model has no parameter {mapping.megatron_name}")
+            param = mapping.local_tensor(params)
             rank, size = group_rank_size(mapping.group)
             value = mapping.transform.shard(source, rank, size)
             if value.shape != param.shape:

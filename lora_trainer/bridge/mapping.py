@@ -5,8 +5,9 @@ group that splits it (`tp`, the expert tensor-parallel group `etp`, or none), an
 built from the model's sizes. HF names are relative to the text prefix (`model.` for
 ForCausalLM checkpoints, `model.language_model.` for ForConditionalGeneration) except `lm_head`.
 Routed experts exist on disk packed (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj`
-[E, H, I]) or per expert (`mlp.experts.{e}.gate_proj.weight`, ...); both map to megatron's
-`mlp.experts.local_experts.{i}` with i the expert's index on its expert-parallel rank.
+[E, H, I]) or per expert (`mlp.experts.{e}.gate_proj.weight`, ...); both map to slice i of the
+3D `mlp.experts.linear_fc1.weight` / `linear_fc2.weight`, with i the expert's index on its
+expert-parallel rank (`ParamMapping.expert_slot`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
+
+import torch
 
 from lora_trainer.bridge.transforms import Block, GatedQKV, HFRef, Replicated, SplitBlocks, Transform
 from lora_trainer.qwen35.spec import Qwen35Spec
@@ -42,6 +45,12 @@ class ParamMapping:
     group: SplitGroup
     transform: Transform
     exported: bool = True
+    expert_slot: int | None = None
+
+    def local_tensor(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This mapping's tensor among a rank's parameters (one expert's slice for routed experts)."""
+        tensor = tensors[self.megatron_name]
+        return tensor if self.expert_slot is None else tensor[self.expert_slot]
 
 
 @dataclass(frozen=True)
@@ -173,8 +182,8 @@ LAYER_RULES: tuple[tuple[Where, str, SplitGroup, Callable[[Qwen35Spec, Names], T
     (Where.MOE, "mlp.shared_experts.linear_fc1.weight", "tp", _gated_fc1("mlp.shared_expert", _SHARED)),
     (Where.MOE, "mlp.shared_experts.linear_fc2.weight", "tp", _row("mlp.shared_expert.down_proj.weight", _SHARED)),
     (Where.MOE, "mlp.shared_experts.gate_weight", "none", lambda s, n: Replicated(_whole(n.layer_ref("mlp.shared_expert_gate.weight"), (1, s.hidden_size)))),
-    (Where.EXPERT, "mlp.experts.local_experts.{i}.linear_fc1.weight", "etp", _expert_fc1),
-    (Where.EXPERT, "mlp.experts.local_experts.{i}.linear_fc2.weight", "etp", _expert_fc2),
+    (Where.EXPERT, "mlp.experts.linear_fc1.weight", "etp", _expert_fc1),
+    (Where.EXPERT, "mlp.experts.linear_fc2.weight", "etp", _expert_fc2),
 )
 
 
@@ -208,11 +217,12 @@ def build_mapping(
         for where, name, group, factory in LAYER_RULES:
             if not _layer_applies(where, spec, layer):
                 continue
-            experts = enumerate(local_experts) if where == Where.EXPERT else [(0, -1)]
-            for local, expert in experts:
+            if where != Where.EXPERT:
+                mappings.append(ParamMapping(f"layers.{layer}.{name}", group, factory(spec, Names(spec, layer))))
+                continue
+            for slot, expert in enumerate(local_experts):
                 n = Names(spec, layer, expert, expert_layout)
-                full = f"layers.{layer}.{name.format(i=local)}"
-                mappings.append(ParamMapping(full, group, factory(spec, n)))
+                mappings.append(ParamMapping(f"layers.{layer}.{name}", group, factory(spec, n), expert_slot=slot))
     if last_stage:
         final_norm = _whole(names.text("norm.weight"), (spec.hidden_size,))
         mappings.append(ParamMapping("final_layernorm.weight", "none", Replicated(final_norm)))

@@ -14,6 +14,7 @@ from lora_trainer.bridge.gather import gather_shards, merge_from_all_ranks
 from lora_trainer.bridge.loader import group_rank_size
 from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.lora.config import LoraConfig
+from lora_trainer.lora.experts import Adapter, ExpertLoraView, linear_adapters
 from lora_trainer.lora.layers import LoraLinear
 from lora_trainer.lora.layout import shard_positions
 from lora_trainer.qwen35.spec import Qwen35Spec
@@ -22,7 +23,7 @@ from lora_trainer.qwen35.spec import Qwen35Spec
 LocalFactors = dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _unshard(shards: list[torch.Tensor], adapter: LoraLinear, dim: int) -> torch.Tensor:
+def _unshard(shards: list[torch.Tensor], adapter: LoraLinear | ExpertLoraView, dim: int) -> torch.Tensor:
     """Put each rank's shard back at its positions along `dim` of the full factor."""
     total = sum(span.size for span in adapter.spans)
     shape = list(shards[0].shape)
@@ -34,7 +35,7 @@ def _unshard(shards: list[torch.Tensor], adapter: LoraLinear, dim: int) -> torch
     return full
 
 
-def full_factors(adapter: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+def full_factors(adapter: LoraLinear | ExpertLoraView) -> tuple[torch.Tensor, torch.Tensor]:
     """a [adapters, r, in_full], b [out_full, r] (rows in target-concatenation order), on every
     rank of the adapter's group."""
     a, b_local = adapter.lora_A.detach(), adapter.local_b_fused_order().detach()
@@ -48,10 +49,10 @@ def _hf_module(ref_name: str, prefix: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
-def local_hf_factors(adapters: list[LoraLinear], spec: Qwen35Spec) -> LocalFactors:
+def local_hf_factors(adapters: list[Adapter], spec: Qwen35Spec) -> LocalFactors:
     """This rank's adapters cut into HF targets; kept by the first rank of each split group."""
     out: LocalFactors = {}
-    for adapter in adapters:
+    for adapter in linear_adapters(adapters):
         a_full, b_full = full_factors(adapter)
         rank, _ = group_rank_size(adapter.group)
         if rank != 0:
@@ -65,7 +66,7 @@ def local_hf_factors(adapters: list[LoraLinear], spec: Qwen35Spec) -> LocalFacto
 
 
 def gather_hf_adapter(
-    adapters: list[LoraLinear], spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str
+    adapters: list[Adapter], spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str
 ) -> HFAdapter:
     """The whole adapter in HF layout, on every rank. Collective: every rank must call it."""
     local = {key: (a.cpu(), b.cpu()) for key, (a, b) in local_hf_factors(adapters, spec).items()}

@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from lora_trainer.bridge.build import LoadedModel, build_model_from_hf
 from lora_trainer.errors import CheckpointError
 from lora_trainer.lora.inject import inject_lora
-from lora_trainer.lora.layers import LoraLinear
+from lora_trainer.lora.experts import Adapter
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.loss import masked_token_loss
@@ -43,7 +43,7 @@ class LoraTrainingModule(pl.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False
         self.loaded: LoadedModel | None = None
-        self.adapters: list[LoraLinear] = []
+        self.adapters: list[Adapter] = []
         self.ddp: DistributedDataParallel | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.tokens_seen = 0
