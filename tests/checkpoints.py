@@ -48,8 +48,11 @@ VISION_SIZES: dict[str, object] = dict(
 MTP_TENSORS = ("mtp.fc.weight", "mtp.norm.weight")
 
 
-def build_hf_model(kind: str, seed: int = 0, tie_word_embeddings: bool = False) -> torch.nn.Module:
-    """A transformers Qwen3.5 model of `kind` with random weights of a useful scale (fp32, eval)."""
+def build_hf_model(
+    kind: str, seed: int = 0, tie_word_embeddings: bool = False, moe_sizes: dict[str, object] | None = None
+) -> torch.nn.Module:
+    """A transformers Qwen3.5 model of `kind` with random weights of a useful scale (fp32, eval);
+    `moe_sizes` overrides the expert count, top-k and widths of a `moe` model."""
     import transformers
 
     torch.manual_seed(seed)
@@ -58,7 +61,7 @@ def build_hf_model(kind: str, seed: int = 0, tie_word_embeddings: bool = False) 
         config = transformers.Qwen3_5TextConfig(**text, **DENSE_SIZES)
         model = transformers.Qwen3_5ForCausalLM(config)
     elif kind == KIND_MOE:
-        config = transformers.Qwen3_5MoeTextConfig(**text, **MOE_SIZES)
+        config = transformers.Qwen3_5MoeTextConfig(**text, **dict(MOE_SIZES, **(moe_sizes or {})))
         model = transformers.Qwen3_5MoeForCausalLM(config)
     elif kind == KIND_MOE_VL:
         config = transformers.Qwen3_5MoeConfig(

@@ -100,3 +100,12 @@ def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: 
     finally:
         destroy_parallel()
     return results
+
+
+def run_lora_expert_loop(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
+                         input_ids: torch.Tensor, lora: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`run_lora` with the routed experts on the per-expert loop instead of grouped matmul."""
+    from lora_trainer.kernels import grouped_gemm
+
+    grouped_gemm.grouped_backend = lambda device_type, dtype: "loop"
+    return run_lora(rank, world_size, parallel, checkpoints, input_ids, lora)
