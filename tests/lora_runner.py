@@ -109,3 +109,59 @@ def run_lora_expert_loop(rank: int, world_size: int, parallel: dict[str, Any], c
 
     grouped_gemm.grouped_backend = lambda device_type, dtype: "loop"
     return run_lora(rank, world_size, parallel, checkpoints, input_ids, lora)
+
+
+def run_recompute(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
+                  input_ids: torch.Tensor, lora: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Three SGD steps on packed rows from the same random factors and the same RNG seed under
+    every `model.recompute` mode: the first step's LoRA gradients and the final adapter, per mode.
+    `lora` holds the LoRA settings per checkpoint kind (dropout where the model allows it)."""
+    from lora_trainer.bridge.build import build_model_from_hf
+    from lora_trainer.export.gather_adapter import gather_hf_adapter
+    from lora_trainer.lora.config import LoraConfig
+    from lora_trainer.lora.experts import linear_adapters
+    from lora_trainer.lora.inject import inject_lora
+    from lora_trainer.parallel.config import ParallelConfig
+    from lora_trainer.parallel.state import destroy_parallel, initialize_parallel
+    from lora_trainer.qwen35.recompute import Recompute
+
+    config = ParallelConfig(**parallel)
+    initialize_parallel(config, seed=1234)
+    batch, seq = input_ids.shape
+    split = seq // 3  # row 0 packs two samples, the other rows hold one each
+    position_ids = torch.arange(seq).repeat(batch, 1)
+    position_ids[0, split:] -= split
+    cu_seqlens = torch.tensor([0, split] + [seq * (row + 1) for row in range(batch)])
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for kind, path in checkpoints.items():
+            loaded = build_model_from_hf(Path(path), config)
+            lora_config = LoraConfig(**lora[kind])
+            adapters = inject_lora(loaded.model, lora_config)
+            for adapter in linear_adapters(adapters):
+                adapter.set_full(*random_full_factors(adapter, seed=5))
+            params = [p for p in loaded.model.parameters() if p.requires_grad]
+            start = [p.detach().clone() for p in params]
+            results[kind] = {}
+            for mode in Recompute:
+                loaded.model.recompute = mode
+                torch.manual_seed(7)
+                with torch.no_grad():
+                    for param, value in zip(params, start):
+                        param.copy_(value)
+                for step in range(3):
+                    for param in params:
+                        param.grad = None
+                    forward_backward(loaded.model, input_ids, position_ids, cu_seqlens)
+                    _finalize_grads(loaded.model)
+                    if step == 0:
+                        grads = _grads_as_adapter(adapters, loaded.spec, lora_config)
+                    with torch.no_grad():
+                        for param in params:
+                            param -= 0.5 * param.grad
+                results[kind][mode.value] = {
+                    "grads": grads, "adapter": gather_hf_adapter(adapters, loaded.spec, lora_config, path)
+                }
+    finally:
+        destroy_parallel()
+    return results

@@ -28,8 +28,11 @@ def _vocab_slice(full: torch.Tensor) -> torch.Tensor:
     return full.chunk(tp, dim=-1)[rank]
 
 
-def forward_backward(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
-    """One micro-batch through megatron's schedule; returns gathered logits on the last stage."""
+def forward_backward(
+    model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """One micro-batch through megatron's schedule (packed rows when `cu_seqlens` is given);
+    returns gathered logits on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from lora_trainer.qwen35.model import gather_vocab_logits
@@ -43,7 +46,7 @@ def forward_backward(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None
         return (logits * weights).sum(), {}
 
     def forward_step(data_iterator: Any, module: Any) -> tuple[torch.Tensor, Any]:
-        return module(next(data_iterator)), loss_func
+        return module(next(data_iterator), position_ids, cu_seqlens), loss_func
 
     get_forward_backward_func()(
         forward_step_func=forward_step,

@@ -184,6 +184,7 @@ OVERRIDES: list[tuple[str, str, object]] = [
     ("export.profile=per_expert", "export.profile", "per_expert"),
     ("export.check=true", "export.check", True),
     ("export.background=false", "export.background", False),
+    ("model.recompute=selective", "model.recompute", "selective"),
     ("output_dir=/runs/b", "output_dir", "/runs/b"),
     ("resume=latest", "resume", "latest"),
     ("logger=none", "logger.kind", "none"),
@@ -225,6 +226,7 @@ CLOSED_SETS: list[tuple[str, str]] = [
     ("model.dtype=fp8", "[auto, float32, bfloat16]"),
     ("lora.style=split", "[fused, canonical]"),
     ("model.tiny=large", "[moe, dense]"),
+    ("model.recompute=sometimes", "[none, selective, full]"),
 ]
 
 

@@ -12,6 +12,7 @@ from lora_trainer.bridge.mapping import ExpertLayout
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35.model import Qwen35Model
 from lora_trainer.qwen35.parallel_fit import check_parallel_fits
+from lora_trainer.qwen35.recompute import Recompute
 from lora_trainer.qwen35.spec import Qwen35Spec
 from lora_trainer.qwen35.transformer_config import build_transformer_config
 
@@ -25,7 +26,10 @@ class LoadedModel:
 
 
 def build_model_from_hf(
-    hf_path: str | Path, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32
+    hf_path: str | Path,
+    parallel: ParallelConfig,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: Recompute = Recompute.none,
 ) -> LoadedModel:
     """Spec from config.json, fit check, the model for this rank's stage, weights loaded.
 
@@ -33,7 +37,7 @@ def build_model_from_hf(
     hf_path = Path(hf_path)
     spec = Qwen35Spec.from_hf_dir(hf_path)
     check_parallel_fits(spec, parallel)
-    model = Qwen35Model(spec, build_transformer_config(spec, parallel, params_dtype))
+    model = Qwen35Model(spec, build_transformer_config(spec, parallel, params_dtype), recompute)
     if torch.cuda.is_available():
         model.to(device=torch.cuda.current_device())
     cast_parameters(model, params_dtype)

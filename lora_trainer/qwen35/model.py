@@ -23,6 +23,7 @@ from torch import nn
 from lora_trainer.qwen35.attention import _no_init
 from lora_trainer.qwen35.layer import DecoderLayer
 from lora_trainer.qwen35.norms import ZeroCenteredRMSNorm
+from lora_trainer.qwen35.recompute import Recompute, run_with_recompute
 from lora_trainer.qwen35.rope import PartialRotaryEmbedding
 from lora_trainer.qwen35.spec import Qwen35Spec
 
@@ -37,11 +38,13 @@ class Qwen35Model(MegatronModule):
     """This rank's pipeline stage of the Qwen3.5 text model.
 
     `layers` is a ModuleDict keyed by the global layer index, so names are the same at every
-    pipeline size (`layers.5.self_attention.in_proj.weight`).
+    pipeline size (`layers.5.self_attention.in_proj.weight`). `recompute` says which activations
+    the layers keep for backward (see `lora_trainer.qwen35.recompute`).
     """
 
-    def __init__(self, spec: Qwen35Spec, config: TransformerConfig) -> None:
+    def __init__(self, spec: Qwen35Spec, config: TransformerConfig, recompute: Recompute = Recompute.none) -> None:
         super().__init__(config=config)
+        self.recompute = Recompute(recompute)
         self.model_type = ModelType.encoder_or_decoder
         # With tied HF embeddings the output layer holds its own copy of the (frozen) table, so
         # megatron's finalize_model_grads has no shared embedding to synchronise.
@@ -99,7 +102,7 @@ class Qwen35Model(MegatronModule):
             hidden = self.input_tensor
         rotary = self.rotary(position_ids)
         for layer in self.layers.values():
-            hidden = layer(hidden, rotary, cu_seqlens)
+            hidden = run_with_recompute(self.recompute, layer, hidden, rotary, cu_seqlens)
         if not self.post_process:
             return hidden
         logits, _ = self.output_layer(self.final_layernorm(hidden))

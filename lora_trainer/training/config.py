@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from lora_trainer.lora.config import ALL_TARGETS, LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
+from lora_trainer.qwen35.recompute import Recompute
 from lora_trainer.training.choices import (
     ExportProfile,
     LoggerKind,
@@ -40,6 +41,7 @@ class ModelConfig:
     tiny: Optional[TinyKind] = None
     tiny_cache_dir: str = ".cache/tiny_models"
     dtype: ModelDtype = ModelDtype.auto
+    recompute: Recompute = Recompute.none
 
 
 @dataclass

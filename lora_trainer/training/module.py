@@ -52,7 +52,9 @@ class LoraTrainingModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.loaded is not None:
             return
-        self.loaded = build_model_from_hf(self.hf_path, self.parallel, params_dtype(self.config.model.dtype))
+        self.loaded = build_model_from_hf(
+            self.hf_path, self.parallel, params_dtype(self.config.model.dtype), self.config.model.recompute
+        )
         self.adapters = inject_lora(self.loaded.model, self.config.lora.to_lora_config())
         model_config = self.loaded.model.config
         model_config.calculate_per_token_loss = True
