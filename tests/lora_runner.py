@@ -143,7 +143,7 @@ def run_recompute(rank: int, world_size: int, parallel: dict[str, Any], checkpoi
             params = [p for p in loaded.model.parameters() if p.requires_grad]
             start = [p.detach().clone() for p in params]
             results[kind] = {}
-            for mode in Recompute:
+            for mode in reversed(Recompute):  # recompute first: nothing warmed up by a plain pass
                 loaded.model.recompute = mode
                 torch.manual_seed(7)
                 with torch.no_grad():

@@ -20,7 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
-from lora_trainer.kernels.grouped_gemm import grouped_linear
+from lora_trainer.kernels.grouped_gemm import grouped_backend, grouped_linear
 
 
 class GroupedLinear(nn.Module):
@@ -51,6 +51,9 @@ class GroupedExperts(MegatronModule):
         etp = config.expert_tensor_parallel_size
         width = config.moe_ffn_hidden_size // etp
         self.num_local_experts = num_local_experts
+        # Decide (and log) the grouped-matmul backend now, outside any activation checkpoint:
+        # selective recompute replays every grouped matmul of the forward, the probe included.
+        grouped_backend("cuda" if not config.use_cpu_initialization else "cpu", config.params_dtype)
         self.linear_fc1 = GroupedLinear(num_local_experts, config.hidden_size, 2 * width, config, "column")
         self.linear_fc2 = GroupedLinear(num_local_experts, width, config.hidden_size, config, "row")
 
