@@ -27,6 +27,8 @@ bench: $(STAMP)
 	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/model_speed.py --threads 1
 	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/export_speed.py
 	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/save_blocking.py
+	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/lora_speed.py --threads 1
+	TORCHDYNAMO_DISABLE=1 $(PY) benchmarks/recompute_memory.py --threads 1
 
 # Wheels for benchmarks/gpu_check.sh, carried to a GPU machine that has no package registry
 # (Python 3.12 with torch, transformers, peft, lightning, safetensors there): exactly what it

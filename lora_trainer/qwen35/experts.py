@@ -44,9 +44,13 @@ class GroupedLinear(nn.Module):
 
 
 class GroupedExperts(MegatronModule):
-    """silu(gate x) * up x, scaled by the routing probability, then down; every expert at once."""
+    """silu(gate x) * up x, scaled by the routing probability, then down; every expert at once.
+    Built by megatron's MoELayer like its own experts modules (`pg_collection` is part of that
+    interface; the experts need no group of their own)."""
 
-    def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None) -> None:
+    def __init__(
+        self, num_local_experts: int, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None
+    ) -> None:
         super().__init__(config=config)
         etp = config.expert_tensor_parallel_size
         width = config.moe_ffn_hidden_size // etp
