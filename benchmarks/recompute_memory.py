@@ -6,8 +6,9 @@ mmap threshold pinned at 64 KiB, so every tensor-sized allocation is returned to
 freed and the resident set size follows the live tensors; a sampler thread polls it during the
 step. Activation memory is the step's peak RSS minus the RSS just before it (model, LoRA factors
 and their gradients from a warm-up step already allocated). Time: one model per mode in this
-process, their steps interleaved so that load drift on a shared machine hits all alike; the
-median per mode. Printed: a table with each mode against `none` (goal for `full`: at most half
+process, their steps interleaved, each step's CPU time of this process (with one thread, the
+compute time, which a shared machine's load does not inflate as it does wall time); the median
+per mode. Printed: a table with each mode against `none` (goal for `full`: at most half
 the memory for at most 1.4x the time).
 
     python benchmarks/recompute_memory.py [--threads N] [--tokens 4096] [--repeats 2]
@@ -74,9 +75,9 @@ def build(checkpoint: Path, mode: str) -> tuple[torch.nn.Module, Callable[[int],
     def step(tokens: int) -> float:
         input_ids = torch.randint(0, model.spec.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
         model.zero_grad(set_to_none=False)
-        start = time.perf_counter()
+        start = time.process_time()
         next_token_loss(model(input_ids), input_ids).backward()
-        return time.perf_counter() - start
+        return time.process_time() - start
 
     return model, step
 
@@ -150,7 +151,7 @@ def main() -> None:
     base = results["none"]
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, 8-expert MoE (hidden 512, 8 layers), "
           f"LoRA r=16, 1 x {args.tokens} tokens\n")
-    print("| recompute | activation MiB | vs none | step ms | vs none |")
+    print("| recompute | activation MiB | vs none | step CPU ms | vs none |")
     print("|---|---|---|---|---|")
     for mode in MODES:
         result = results[mode]
