@@ -13,13 +13,16 @@ from lora_trainer.kernels.grouped_gemm import _GroupedLinear, grouped_linear
 from tests.checkpoints import KIND_MOE, build_hf_model, save_checkpoint
 from tests.lora_runner import run_lora, run_lora_expert_loop
 from tests.multirank import run_multirank
-from tests.test_lora import GRAD_TOL, LOGIT_TOL, _adapter_tensors, _max_diff, _peft_logits
+from tests.numerics import max_abs_diff as _max_diff
+from tests.test_lora import _adapter_tensors, _peft_logits
 
 WIDE = {
     "e8_top2": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24),
     "e256_top8": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=8),
 }
 LORA = {"r": 4, "alpha": 8.0}
+LOGIT_TOL = 1e-4  # fp32 logits against transformers + PEFT, as the issue asks
+GRAD_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def test_expert_lora_logits_match_transformers_and_peft(
     experts = ours["adapter"].experts
     assert {w.a.shape[0] for w in experts.values()} == {WIDE[name]["num_experts"]}
     assert all(w.b.abs().sum() > 0 for w in experts.values())
-    peft_logits = _peft_logits(wide_checkpoints[name], ours["adapter"], tmp_path, input_ids)
+    peft_logits, _ = _peft_logits(wide_checkpoints[name], ours["adapter"], tmp_path, input_ids)
     assert _max_diff(peft_logits, ours["logits"]) <= LOGIT_TOL
 
 
