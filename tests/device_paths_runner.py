@@ -8,6 +8,15 @@ from typing import Any
 import torch
 
 
+def _factors(adapters: list[Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each adapter's A and row permutation, keyed by its HF target name(s) (grouped expert
+    adapters hold one name per local expert)."""
+    return {
+        "|".join(getattr(a, "names", [getattr(a, "name", "")])): (a.lora_A.detach().clone(), getattr(a, "perm", None))
+        for a in adapters
+    }
+
+
 def run_device_context_checks(rank: int, world_size: int, checkpoint: str) -> dict[str, Any]:
     """LoRA built under `with torch.device("meta"):` (how Lightning's tensor_init_context builds
     the model, with the GPU as the device) against LoRA built without a context, the `int(tensor)`
@@ -22,8 +31,7 @@ def run_device_context_checks(rank: int, world_size: int, checkpoint: str) -> di
     lora = LoraConfig(r=4, style="canonical")
     initialize_parallel(config, seed=1234)
     try:
-        plain = {a.name: (a.lora_A.detach().clone(), getattr(a, "perm", None))
-                 for a in inject_lora(build_model_from_hf(Path(checkpoint), config).model, lora)}
+        plain = _factors(inject_lora(build_model_from_hf(Path(checkpoint), config).model, lora))
         model = build_model_from_hf(Path(checkpoint), config).model
         int_calls = 0
         tensor_int = torch.Tensor.__int__
@@ -39,7 +47,7 @@ def run_device_context_checks(rank: int, world_size: int, checkpoint: str) -> di
                 adapters = inject_lora(model, lora)
         finally:
             torch.Tensor.__int__ = tensor_int
-        in_context = {a.name: (a.lora_A.detach().clone(), getattr(a, "perm", None)) for a in adapters}
+        in_context = _factors(adapters)
 
         positions = torch.arange(32768).unsqueeze(0)
         fp32_rotary = build_model_from_hf(Path(checkpoint), config, torch.float32).model.rotary(positions)

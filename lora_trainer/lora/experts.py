@@ -19,14 +19,8 @@ from lora_trainer.bridge.loader import group_rank_size
 from lora_trainer.bridge.transforms import Transform
 from lora_trainer.kernels.grouped_gemm import grouped_linear
 from lora_trainer.lora.layers import LoraLinear, seeded_kaiming
-from lora_trainer.lora.layout import TargetSpan, shard_positions, target_spans
+from lora_trainer.lora.layout import inverse_order, shard_positions, span_rows, target_spans
 from lora_trainer.qwen35.experts import GroupedLinear
-
-
-def _span_rows(positions: torch.Tensor, span: TargetSpan) -> torch.Tensor:
-    """This rank's rows of one target, in HF order."""
-    inside = (positions >= span.offset) & (positions < span.offset + span.size)
-    return torch.sort(positions[inside]).values
 
 
 class GroupedLoraLinear(nn.Module):
@@ -67,13 +61,11 @@ class GroupedLoraLinear(nn.Module):
         a_full = torch.stack([seeded_kaiming((self.adapters, r, full_in), seed, name) for name in self.names])
         self.lora_A = nn.Parameter((a_full if self.kind == "column" else a_full[..., positions]).to(device))
         experts, out_local = base.weight.shape[:2]
-        rows = [out_local] if self.adapters == 1 else [len(_span_rows(positions, span)) for span in spans]
+        rows = [out_local] if self.adapters == 1 else [len(span_rows(positions, span)) for span in spans]
         self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(experts, n, r, device=device)) for n in rows)
         if self.adapters > 1:
-            cat_order = torch.cat([_span_rows(positions, span) for span in spans])
-            where = {int(p): i for i, p in enumerate(cat_order)}
-            perm = torch.tensor([where[int(p)] for p in positions], device=device)
-            self.register_buffer("perm", perm, persistent=False)
+            cat_order = torch.cat([span_rows(positions, span) for span in spans])
+            self.register_buffer("perm", inverse_order(cat_order, positions).to(device), persistent=False)
         self._mark_parallel_attributes()
 
     def _mark_parallel_attributes(self) -> None:
@@ -147,7 +139,7 @@ class ExpertLoraView:
                 self.lora_B[0].copy_(b_full[self.positions])
             else:
                 for span, b in zip(self.spans, self.lora_B):
-                    b.copy_(b_full[_span_rows(self.positions, span)])
+                    b.copy_(b_full[span_rows(self.positions, span)])
 
 
 Adapter = LoraLinear | GroupedLoraLinear

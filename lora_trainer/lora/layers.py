@@ -28,7 +28,7 @@ from torch import nn
 from lora_trainer.bridge.loader import group_rank_size
 from lora_trainer.bridge.mapping import SplitGroup
 from lora_trainer.bridge.transforms import Transform
-from lora_trainer.lora.layout import TargetSpan, shard_positions, target_spans
+from lora_trainer.lora.layout import TargetSpan, inverse_order, shard_positions, span_rows, target_spans
 
 ParallelKind = Literal["column", "row"]
 
@@ -40,13 +40,6 @@ def seeded_kaiming(shape: tuple[int, ...], seed: int, name: str) -> torch.Tensor
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     bound = 1.0 / math.sqrt(shape[-1])
     return torch.empty(shape, device="cpu").uniform_(-bound, bound, generator=generator)
-
-
-def _inverse_order(order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """For each of `values`, its index in `order` (a permutation of the same distinct values),
-    with tensor ops only: no per-element host sync on a GPU."""
-    sort = torch.argsort(order)
-    return sort[torch.searchsorted(order[sort], values)]
 
 
 class LoraLinear(nn.Module):
@@ -92,21 +85,16 @@ class LoraLinear(nn.Module):
             nn.Parameter(torch.zeros(rows, r, device=device)) for rows in self._local_rows()
         )
         if self.adapters > 1:
-            cat_order = torch.cat([self._span_positions(span) for span in self.spans])
-            self.register_buffer("perm", _inverse_order(cat_order, self.positions), persistent=False)
+            cat_order = torch.cat([span_rows(self.positions, span) for span in self.spans])
+            self.register_buffer("perm", inverse_order(cat_order, self.positions), persistent=False)
         self._mark_parallel_attributes()
-
-    def _span_positions(self, span: TargetSpan) -> torch.Tensor:
-        """This rank's rows of one target, in HF order."""
-        inside = (self.positions >= span.offset) & (self.positions < span.offset + span.size)
-        return torch.sort(self.positions[inside]).values
 
     def _local_rows(self) -> list[int]:
         if self.kind == "row":
             return [self.base.weight.shape[0]]
         if self.adapters == 1:
             return [self.base.weight.shape[0]]
-        return [len(self._span_positions(span)) for span in self.spans]
+        return [len(span_rows(self.positions, span)) for span in self.spans]
 
     def _mark_parallel_attributes(self) -> None:
         """Tell megatron's DDP and grad-norm code how each factor is split and reduced."""
@@ -167,4 +155,4 @@ class LoraLinear(nn.Module):
                 self.lora_B[0].copy_(b_full[self.positions])
             else:
                 for span, b in zip(self.spans, self.lora_B):
-                    b.copy_(b_full[self._span_positions(span)])
+                    b.copy_(b_full[span_rows(self.positions, span)])

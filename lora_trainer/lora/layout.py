@@ -66,3 +66,16 @@ def shard_positions(transform: Transform, rank: int, size: int, dim: int) -> tor
     spans = target_spans(transform, dim)
     layout = transform.shard(_IndexSource(spans, dim), rank, size)
     return layout.reshape(-1)
+
+
+def span_rows(positions: torch.Tensor, span: TargetSpan) -> torch.Tensor:
+    """The rows of one target among a rank's `positions`, in HF order."""
+    inside = (positions >= span.offset) & (positions < span.offset + span.size)
+    return torch.sort(positions[inside]).values
+
+
+def inverse_order(order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """For each of `values`, its index in `order` (a permutation of the same distinct values),
+    with tensor ops only: no per-element host sync on a GPU."""
+    sort = torch.argsort(order)
+    return sort[torch.searchsorted(order[sort], values)]
