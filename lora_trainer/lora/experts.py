@@ -18,7 +18,7 @@ from torch import nn
 from lora_trainer.bridge.loader import group_rank_size
 from lora_trainer.bridge.transforms import Transform
 from lora_trainer.kernels.grouped_gemm import grouped_linear
-from lora_trainer.lora.layers import LoraLinear, seeded_kaiming
+from lora_trainer.lora.layers import LoraLinear, copy_full_factors, seeded_kaiming
 from lora_trainer.lora.layout import inverse_order, shard_positions, span_rows, target_spans
 from lora_trainer.qwen35.experts import GroupedLinear
 
@@ -129,17 +129,7 @@ class ExpertLoraView:
 
     def set_full(self, a_full: torch.Tensor, b_full: torch.Tensor) -> None:
         """Set this expert's factors from full, unsharded ones (see `LoraLinear.set_full`)."""
-        device = self.grouped.lora_A.device
-        a_full, b_full = a_full.to(device), b_full.to(device)
-        with torch.no_grad():
-            self.lora_A.copy_(a_full if self.kind == "column" else a_full[:, :, self.positions])
-            if self.kind == "row":
-                self.lora_B[0].copy_(b_full)
-            elif self.adapters == 1:
-                self.lora_B[0].copy_(b_full[self.positions])
-            else:
-                for span, b in zip(self.spans, self.lora_B):
-                    b.copy_(b_full[span_rows(self.positions, span)])
+        copy_full_factors(self, a_full, b_full)
 
 
 Adapter = LoraLinear | GroupedLoraLinear

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from lora_trainer.bridge.loader import group_rank_size
 from lora_trainer.bridge.mapping import SplitGroup
 from lora_trainer.bridge.transforms import Transform
 from lora_trainer.lora.layout import TargetSpan, inverse_order, shard_positions, span_rows, target_spans
+
+if TYPE_CHECKING:
+    from lora_trainer.lora.experts import ExpertLoraView
 
 ParallelKind = Literal["column", "row"]
 
@@ -145,14 +148,19 @@ class LoraLinear(nn.Module):
     def set_full(self, a_full: torch.Tensor, b_full: torch.Tensor) -> None:
         """Set factors from full, unsharded ones: a_full [adapters, r, in], b_full [out, r] with
         rows in target-concatenation order. The inverse of the export's gather."""
-        a_full, b_full = a_full.to(self.lora_A.device), b_full.to(self.lora_A.device)
-        with torch.no_grad():
-            a_local = a_full if self.kind == "column" else a_full[:, :, self.positions]
-            self.lora_A.copy_(a_local)
-            if self.kind == "row":
-                self.lora_B[0].copy_(b_full)
-            elif self.adapters == 1:
-                self.lora_B[0].copy_(b_full[self.positions])
-            else:
-                for span, b in zip(self.spans, self.lora_B):
-                    b.copy_(b_full[span_rows(self.positions, span)])
+        copy_full_factors(self, a_full, b_full)
+
+
+def copy_full_factors(adapter: LoraLinear | ExpertLoraView, a_full: torch.Tensor, b_full: torch.Tensor) -> None:
+    """Copy full, unsharded factors (a_full [adapters, r, in], b_full [out, r] in
+    target-concatenation order) into `adapter`'s shard of them."""
+    a_full, b_full = a_full.to(adapter.lora_A.device), b_full.to(adapter.lora_A.device)
+    with torch.no_grad():
+        adapter.lora_A.copy_(a_full if adapter.kind == "column" else a_full[:, :, adapter.positions])
+        if adapter.kind == "row":
+            adapter.lora_B[0].copy_(b_full)
+        elif adapter.adapters == 1:
+            adapter.lora_B[0].copy_(b_full[adapter.positions])
+        else:
+            for span, b in zip(adapter.spans, adapter.lora_B):
+                b.copy_(b_full[span_rows(adapter.positions, span)])
