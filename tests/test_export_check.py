@@ -62,6 +62,11 @@ def test_good_export_passes_and_manifest_describes_it(exported: tuple, merged_bo
     assert manifest["check"]["passed"] is True, manifest["check"]["message"]
     assert manifest["check"]["max_abs_diff_adapter_vs_merged"] <= merged_bound
     assert manifest["check"]["missing_keys"] == manifest["check"]["unexpected_keys"] == []
+    assert manifest["check"]["mode"] == "full" and manifest["check"]["compute_dtype"] == "float64"
+    kinds = manifest["check"]["kinds"]
+    assert set(kinds) == {"attention", "gdn", "shared_expert", "routed_experts", "logits"}
+    assert all(0 < kind["max_abs_diff"] <= kind["tolerance"] for kind in kinds.values())
+    assert manifest["check"]["tolerance"] == kinds["logits"]["tolerance"]
     assert manifest["step"] == STEP and manifest["profile"] == "peft"
     assert manifest["base"] == {"path": str(base_dir.resolve()), "config_sha256": sha256(base_dir / "config.json")}
     assert set(manifest["versions"]) == set(LIBRARIES)

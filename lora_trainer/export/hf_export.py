@@ -42,7 +42,7 @@ from torch import Tensor
 from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.errors import ExportError
 from lora_trainer.export.atomic import atomic_directory, cleanup_stale_temporaries, export_error
-from lora_trainer.export.check import ExportCheckResult, check_export
+from lora_trainer.export.check import CHECK_MEMORY_GB, ExportCheckResult, check_export
 from lora_trainer.export.hf_lora import HFAdapter
 from lora_trainer.export.manifest import build_manifest, write_manifest
 from lora_trainer.export.merged import write_merged_checkpoint
@@ -67,8 +67,8 @@ def export_hf(
     write_merged: bool = True,
     profile: Profile = "peft",
     check_input_ids: Tensor | None = None,
-    check_atol: float = 1e-4,
-    check_dtype: torch.dtype = torch.float32,
+    check_dtype: torch.dtype | None = None,
+    check_memory_gb: float = CHECK_MEMORY_GB,
     rank: int = 0,
     world_size: int = 1,
     barrier: Barrier | None = None,
@@ -78,8 +78,8 @@ def export_hf(
     """Export `adapter` (full, on every rank) on the base checkpoint `base_dir` into `save_dir`.
 
     Returns the manifest on rank 0 and `{}` on the other ranks. With `check_input_ids` ([batch,
-    seq] token ids) rank 0 runs `check_export` (in `check_dtype`, tolerance `check_atol`) on the
-    written adapter and merged checkpoint (peft profile only) and records the result in the
+    seq] token ids) rank 0 runs `check_export` (in `check_dtype`, layer by layer when the model
+    exceeds `check_memory_gb`) on the written adapter and merged checkpoint (peft profile only) and records the result in the
     manifest; a failed check is logged as an error, not raised (the caller decides). `barrier`
     (needed when `world_size > 1` and `write_merged`) must block until every rank has called it.
     Raises ExportError when anything cannot be written. The manifest records `status`
@@ -116,7 +116,7 @@ def export_hf(
             shutil.rmtree(staging, ignore_errors=True)
     export_seconds = time.monotonic() - started
 
-    check = _run_check(base_dir, save_dir, profile, check_input_ids, check_atol, check_dtype, written)
+    check = _run_check(base_dir, save_dir, profile, check_input_ids, check_dtype, check_memory_gb, written)
     manifest = build_manifest(
         adapter=adapter,
         base_dir=base_dir,
@@ -240,8 +240,8 @@ def _run_check(
     save_dir: Path,
     profile: Profile,
     input_ids: Tensor | None,
-    atol: float,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
+    memory_gb: float,
     written: dict[str, Path],
 ) -> ExportCheckResult | None:
     """The export check when asked for and possible; logs its outcome."""
@@ -252,7 +252,7 @@ def _run_check(
         return None
     started = time.monotonic()
     result = check_export(
-        base_dir, save_dir / ADAPTER_DIR, save_dir / MERGED_DIR, input_ids, atol=atol, dtype=dtype
+        base_dir, save_dir / ADAPTER_DIR, save_dir / MERGED_DIR, input_ids, dtype=dtype, memory_gb=memory_gb
     )
     log = logger.info if result.passed else logger.error
     log("%s (%.1f s)", result.message, time.monotonic() - started)
