@@ -22,6 +22,7 @@ import torch
 
 from callbacks.background_export import BackgroundExports
 from lora_trainer.errors import ExportError
+from lora_trainer.export.agreement import raise_on_every_rank
 from lora_trainer.export.background import is_exported, pending_exports
 from lora_trainer.export.gather_adapter import gather_hf_adapter, local_hf_factors
 from lora_trainer.export.hf_export import export_hf
@@ -82,29 +83,36 @@ class CheckpointExportCallback(pl.Callback):
         strategy.barrier("save:staging")
         started = time.perf_counter()
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
-        adapter = gather_hf_adapter(module.adapters, module.loaded.spec, self.config.lora.to_lora_config(), str(module.hf_path))
         export = self.config.export
-        manifest = export_hf(
-            adapter,
-            Path(module.hf_path),
-            staging,
-            step=step,
-            write_adapter=export.adapter,
-            write_merged=export.merged,
-            profile=export.profile,
-            check_input_ids=self.check_input_ids if export.check else None,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            barrier=strategy.barrier,
-        )
-        strategy.barrier("save:exported")
-        if trainer.is_global_zero:
+        failure: Exception | None = None
+        try:
+            adapter = gather_hf_adapter(
+                module.adapters, module.loaded.spec, self.config.lora.to_lora_config(), str(module.hf_path)
+            )
+            manifest = export_hf(
+                adapter,
+                Path(module.hf_path),
+                staging,
+                step=step,
+                write_adapter=export.adapter,
+                write_merged=export.merged,
+                profile=export.profile,
+                check_input_ids=self.check_input_ids if export.check else None,
+                check_memory_gb=export.check_memory_gb,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+                barrier=strategy.barrier,
+            )
             check = manifest.get("check")
-            if export.check and not (check and check.get("passed")):
-                raise ExportError(
-                    f"the export check failed at step {step}: {check}; the save stays unpublished at "
-                    f"{staging} for inspection, the previous saves are untouched"
+            if trainer.is_global_zero and export.check and not (check and check.get("passed")):
+                failure = ExportError(
+                    f"{check['message'] if check else 'the export check did not run'} (step {step}); the save "
+                    f"stays unpublished at {staging} for inspection, the previous saves are untouched"
                 )
+        except Exception as error:  # noqa: BLE001 - every rank raises below, together
+            failure = error
+        raise_on_every_rank(failure)
+        if trainer.is_global_zero:
             self._publish(staging, final)
             self._prune()
             log.info(

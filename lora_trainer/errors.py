@@ -23,3 +23,7 @@ class DataError(LoraTrainerError):
 
 class ConfigError(LoraTrainerError):
     """A run configuration value that is missing, out of range or inconsistent with the others."""
+
+
+class PeerExportError(ExportError):
+    """This rank's export step stopped because another rank's failed; that rank reports the cause."""

@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from lora_trainer.bridge.safetensors_io import CheckpointReader
-from lora_trainer.errors import ExportError
+from lora_trainer.errors import ExportError, PeerExportError
 from lora_trainer.export.atomic import atomic_directory, cleanup_stale_temporaries, export_error
 from lora_trainer.export.check import CHECK_MEMORY_GB, ExportCheckResult, check_export
 from lora_trainer.export.hf_lora import HFAdapter
@@ -156,7 +156,7 @@ def _stage_merged(
             failure = error
     barrier()
     if failure is None and not staging.is_dir():
-        failure = ExportError(f"rank 0 did not create the merged staging directory {staging}: see rank 0's error")
+        failure = PeerExportError(f"rank 0 did not create the merged staging directory {staging}: see rank 0's error")
     if failure is None:
         try:
             for path in write_merged_checkpoint(
@@ -203,7 +203,7 @@ def _check_staging_complete(base_dir: Path, staging: Path) -> None:
         if not (staging / path.name).is_file() or (staging / path.name).stat().st_size != path.stat().st_size
     ]
     if bad:
-        raise ExportError(
+        raise PeerExportError(
             f"merged shard files missing or incomplete in {staging}: {', '.join(bad[:5])}"
             f"{' ...' if len(bad) > 5 else ''}: another rank's export failed; see its error"
         )

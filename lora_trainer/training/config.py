@@ -154,7 +154,8 @@ class CheckpointSection:
 @dataclass
 class ExportSection:
     """Written into each save: hf_adapter/ (adapter) and hf_merged/ (base + LoRA folded in);
-    `check` compares the export with transformers + peft after writing it; `background` makes
+    `check` compares the export with transformers + peft after writing it, one decoder layer at a
+    time when the whole model in the check's dtype exceeds `check_memory_gb`; `background` makes
     them in background processes while training goes on (`export.async` cannot be the key: `async`
     is a Python keyword, not a dataclass field name)."""
 
@@ -163,6 +164,7 @@ class ExportSection:
     profile: ExportProfile = ExportProfile.peft
     check: bool = False
     background: bool = True
+    check_memory_gb: float = 16.0
 
 
 @dataclass
