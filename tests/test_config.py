@@ -185,6 +185,7 @@ OVERRIDES: list[tuple[str, str, object]] = [
     ("export.check=true", "export.check", True),
     ("export.background=false", "export.background", False),
     ("model.recompute=selective", "model.recompute", "selective"),
+    ("export.check_memory_gb=2.5", "export.check_memory_gb", 2.5),
     ("output_dir=/runs/b", "output_dir", "/runs/b"),
     ("resume=latest", "resume", "latest"),
     ("logger=none", "logger.kind", "none"),
@@ -280,6 +281,7 @@ def test_resolve_run_does_not_build_the_tiny_model(tmp_path: Path) -> None:
 
 ERROR_CASES: list[tuple[list[str], type[LoraTrainerError], str]] = [
     (["model.tiny=null"], ConfigError, "model.hf_path"),
+    (["export.check_memory_gb=0"], ConfigError, "export.check_memory_gb"),
     (["model.hf_path=/nonexistent/model"], CheckpointError, "model.hf_path"),
     (["parallel.tp=4", "parallel.ep=1", "parallel.sp=true", "trainer.devices=4"], ParallelConfigError, "parallel.tp"),
     (["parallel.tp=2", "parallel.ep=1", "trainer.devices=3"], ParallelConfigError, "dp would be 3/2"),

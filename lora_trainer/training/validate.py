@@ -150,6 +150,11 @@ def _check_settings(config: TrainConfig) -> None:
             f"export.profile={config.export.profile!r} is unknown; use one of {', '.join(EXPORT_PROFILES)} "
             "(peft: packed routed-expert layout that peft and vLLM load; per_expert: 2D keys per expert)"
         )
+    if not config.export.check_memory_gb > 0:
+        raise ConfigError(
+            f"export.check_memory_gb={config.export.check_memory_gb} must be positive: it is the size (GB) above "
+            "which the export check holds one decoder layer at a time"
+        )
     if config.model.dtype not in MODEL_DTYPES:
         raise ConfigError(
             f"model.dtype={config.model.dtype!r} is unknown; use one of {', '.join(MODEL_DTYPES)} "
