@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from megatron.core import parallel_state
 
 from lora_trainer.bridge.gather import gather_shards, merge_from_all_ranks
 from lora_trainer.bridge.loader import group_rank_size
@@ -49,13 +50,22 @@ def _hf_module(ref_name: str, prefix: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+def _first_replica(adapter: LoraLinear | ExpertLoraView) -> bool:
+    """Whether this rank is the first data-parallel replica of `adapter` (expert data-parallel
+    for routed experts): the other replicas hold the same factors and send nothing."""
+    if adapter.group == "etp":
+        return parallel_state.get_expert_data_parallel_rank() == 0
+    return parallel_state.get_data_parallel_rank() == 0
+
+
 def local_hf_factors(adapters: list[Adapter], spec: Qwen35Spec) -> LocalFactors:
-    """This rank's adapters cut into HF targets; kept by the first rank of each split group."""
+    """This rank's adapters cut into HF targets; kept by the first rank of each split group of
+    the first data-parallel replica."""
     out: LocalFactors = {}
     for adapter in linear_adapters(adapters):
         a_full, b_full = full_factors(adapter)
         rank, _ = group_rank_size(adapter.group)
-        if rank != 0:
+        if rank != 0 or not _first_replica(adapter):
             continue
         for index, span in enumerate(adapter.spans):
             a = a_full[index if a_full.shape[0] > 1 else 0]
