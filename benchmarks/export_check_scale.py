@@ -8,14 +8,18 @@ mode. Prints the time and this process's peak RSS above its baseline for the exp
 check (the peak is reset between phases through /proc/self/clear_refs), the check's per-kind
 differences and tolerances, and whether the whole model would have fit the memory budget.
 
-    python benchmarks/export_check_scale.py [--layers 2] [--experts 256] [--dir DIR]
+    python benchmarks/export_check_scale.py [--layers 2] [--experts 256] [--work DIR] [--skip-check]
 
-Needs ~6 GB of disk and, for the check, a few GB of memory: see the printed peaks.
+Needs ~10 GB of disk and, for the check, several GB of memory: see the printed peaks. With
+`--work DIR` the base and the export are kept there and reused by the next run (so the check can
+run on its own, e.g. while holding a lock on a shared machine); without it everything goes into a
+temporary directory that is deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import tempfile
@@ -28,6 +32,7 @@ from safetensors.torch import save_file
 from lora_trainer.bridge.safetensors_io import INDEX_FILE, shard_file_names
 from lora_trainer.export.check import CHECK_MEMORY_GB, check_export, model_bytes
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
+from lora_trainer.export.manifest import MANIFEST_FILE
 from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 
 RANK, ALPHA = 16, 32.0
@@ -57,7 +62,7 @@ def shapes_of(cfg: dict[str, object]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
-def write_base(directory: Path, cfg: dict[str, object]) -> dict[str, tuple[int, ...]]:
+def write_base(directory: Path, cfg: dict[str, object]) -> None:
     shapes = shapes_of(cfg)
     groups: list[list[str]] = [[]]
     size = 0
@@ -82,7 +87,6 @@ def write_base(directory: Path, cfg: dict[str, object]) -> dict[str, tuple[int, 
     total = sum(2 * math.prod(shape) for shape in shapes.values())
     (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    return shapes
 
 
 def random_adapter(shapes: dict[str, tuple[int, ...]]) -> HFAdapter:
@@ -125,25 +129,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("--work", type=Path, default=None, help="kept work directory, reused when it has the files")
+    parser.add_argument("--skip-check", action="store_true", help="only generate and export")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="export_check_scale-", dir=args.dir) as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        root = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="export_check_scale-")))
         base = root / "base"
-        base.mkdir()
-        started = time.perf_counter()
-        shapes = write_base(base, config(args.layers, args.experts))
+        cfg = config(args.layers, args.experts)
+        if not (base / "config.json").is_file():
+            base.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            write_base(base, cfg)
+            print(f"base written in {time.perf_counter() - started:.0f} s")
         size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-        print(f"base: {size / 2**30:.2f} GiB bf16, {args.layers} layers, {args.experts} experts, "
-              f"written in {time.perf_counter() - started:.0f} s")
-        adapter = random_adapter(shapes)
+        print(f"base: {size / 2**30:.2f} GiB bf16, {args.layers} layers, {args.experts} experts")
+        if not (root / "save" / MANIFEST_FILE).is_file():
+            adapter = random_adapter(shapes_of(cfg))
+            baseline = reset_peak()
+            started = time.perf_counter()
+            export_hf(adapter, base, root / "save", step=1, progress=False)
+            print(f"export (adapter + merged): {time.perf_counter() - started:.1f} s, peak RSS "
+                  f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB before it")
+            del adapter
+        if args.skip_check:
+            return
         ids = torch.randint(0, 248320, (2, 16), generator=torch.Generator().manual_seed(0))
-
-        baseline = reset_peak()
-        started = time.perf_counter()
-        export_hf(adapter, base, root / "save", step=1, progress=False)
-        print(f"export (adapter + merged): {time.perf_counter() - started:.1f} s, peak RSS "
-              f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB before it")
 
         full = model_bytes(base, torch.float32)
         print(f"whole model in float32: {full / 2**30:.1f} GiB vs export.check_memory_gb={CHECK_MEMORY_GB}: "

@@ -24,7 +24,7 @@ from callbacks.background_export import BackgroundExports
 from lora_trainer.errors import ExportError
 from lora_trainer.export.agreement import raise_on_every_rank
 from lora_trainer.export.background import is_exported, pending_exports
-from lora_trainer.export.gather_adapter import gather_hf_adapter, local_hf_factors
+from lora_trainer.export.gather_adapter import distributed_hf_adapter, local_hf_factors
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.snapshot import snapshot_dir, write_factors, write_job
 from lora_trainer.training.checkpoints import complete_saves, save_dir_name, saves_to_prune
@@ -86,7 +86,7 @@ class CheckpointExportCallback(pl.Callback):
         export = self.config.export
         failure: Exception | None = None
         try:
-            adapter = gather_hf_adapter(
+            adapter = distributed_hf_adapter(
                 module.adapters, module.loaded.spec, self.config.lora.to_lora_config(), str(module.hf_path)
             )
             manifest = export_hf(

@@ -68,10 +68,13 @@ def _grads_as_adapter(adapters: list[Any], spec: Any, config: Any) -> Any:
 
 
 def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
-             input_ids: torch.Tensor, lora: dict[str, Any],
-             dtype: torch.dtype = torch.float32) -> dict[str, dict[str, Any]]:
+             input_ids: torch.Tensor, lora: dict[str, Any], dtype: torch.dtype = torch.float32,
+             export_dir: str | None = None) -> dict[str, dict[str, Any]]:
+    """Logits, gathered adapter and gathered gradients per checkpoint kind; with `export_dir`,
+    also the export of each rank's own part of the adapter into `export_dir/<kind>`."""
     from lora_trainer.bridge.build import build_model_from_hf
-    from lora_trainer.export.gather_adapter import gather_hf_adapter
+    from lora_trainer.export.gather_adapter import distributed_hf_adapter, gather_hf_adapter
+    from lora_trainer.export.hf_export import export_hf
     from lora_trainer.lora.config import LoraConfig
     from lora_trainer.lora.experts import linear_adapters
     from lora_trainer.lora.inject import inject_lora
@@ -97,6 +100,10 @@ def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: 
                 "adapter": gather_hf_adapter(adapters, loaded.spec, lora_config, path),
                 "grads": _grads_as_adapter(adapters, loaded.spec, lora_config),
             }
+            if export_dir is not None:
+                part = distributed_hf_adapter(adapters, loaded.spec, lora_config, path)
+                export_hf(part, Path(path), Path(export_dir) / kind, step=1, rank=rank, world_size=world_size,
+                          barrier=dist.barrier, progress=False)
     finally:
         destroy_parallel()
     return results

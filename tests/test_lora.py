@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
 from lora_trainer.export.hf_lora import HFAdapter
 from lora_trainer.export.peft_adapter import write_peft_adapter
 from lora_trainer.lora.config import LoraConfig, LoraConfigError
@@ -91,6 +92,10 @@ def test_canonical_and_fused_give_the_same_logits_for_the_same_delta(
             assert torch.equal(canonical_tensors[name], tensor), f"{kind}: {name}"
 
 
+def _tree_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_layout_matches_single_rank_and_peft(
     layout: str, fused_single: dict, fused_single_fp64: dict, checkpoints: dict, input_ids: torch.Tensor,
@@ -101,8 +106,15 @@ def test_parallel_layout_matches_single_rank_and_peft(
     few to measure its own floor); logits as in the TP=1 test, with the single-rank run's floor."""
     world, parallel, kinds = LAYOUTS[layout]
     lora = {"r": 4, "alpha": 8.0}
-    results = run_multirank(run_lora, world, parallel, {k: checkpoints[k] for k in kinds}, input_ids, lora)[0]
+    parts = tmp_path / "parts"
+    results = run_multirank(
+        run_lora, world, parallel, {k: checkpoints[k] for k in kinds}, input_ids, lora, torch.float32, str(parts)
+    )[0]
     for kind in kinds:
+        # each rank wrote only its own factors: the same files as the gathered adapter exported on one rank
+        export_hf(results[kind]["adapter"], Path(checkpoints[kind]), tmp_path / "whole" / kind, step=1, progress=False)
+        for directory in (ADAPTER_DIR, MERGED_DIR):
+            assert _tree_bytes(parts / kind / directory) == _tree_bytes(tmp_path / "whole" / kind / directory), kind
         ours, single = results[kind], fused_single[kind]
         adapter_tensors, single_tensors = _adapter_tensors(ours["adapter"]), _adapter_tensors(single["adapter"])
         assert sorted(adapter_tensors) == sorted(single_tensors), kind

@@ -23,7 +23,7 @@ import lora_trainer.export.merged as merged_module
 import lora_trainer.export.peft_adapter as peft_adapter_module
 from lora_trainer.bridge.safetensors_io import INDEX_FILE
 from lora_trainer.errors import ExportError
-from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
+from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, STAGING_DIR, export_hf
 from lora_trainer.export.hf_lora import HFAdapter, HFLoraWeights
 from lora_trainer.export.manifest import MANIFEST_FILE
 from lora_trainer.export.merged import write_merged_checkpoint
@@ -248,7 +248,7 @@ def test_disk_full_keeps_previous_export(target: str, bases: dict, tmp_path: Pat
     if target == "merged":
         monkeypatch.setattr(merged_module, "_copy_range", _fail_disk_full)
     else:
-        monkeypatch.setattr(peft_adapter_module, "save_file", _fail_disk_full)
+        monkeypatch.setattr(peft_adapter_module, "_pwrite", _fail_disk_full)
     with pytest.raises(ExportError, match="disk full"):
         export_hf(adapter, base_dir, save_dir, step=2, progress=False)
 
@@ -298,7 +298,7 @@ def test_killed_export_keeps_previous_export(bases: dict, tmp_path: Path) -> Non
     assert process.returncode == -signal.SIGKILL, process.stderr
     after = snapshot(save_dir)
     assert {name: data for name, data in after.items() if not name.startswith(".")} == before
-    assert any(name.startswith(".hf_merged.staging") for name in after)
+    assert any(name.startswith(STAGING_DIR) for name in after)
 
     export_hf(adapter, base_dir, save_dir, step=3, progress=False)
     assert sorted(p.name for p in save_dir.iterdir()) == sorted([ADAPTER_DIR, MANIFEST_FILE, MERGED_DIR])

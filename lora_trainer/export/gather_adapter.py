@@ -1,7 +1,11 @@
-"""Gather the LoRA adapter from every rank (TP, EP, PP) into HF layout (`HFAdapter`).
+"""The LoRA adapter of every rank (TP, EP, PP) in HF layout: each rank's own part
+(`distributed_hf_adapter`, what the export writes) or the whole adapter on every rank
+(`gather_hf_adapter`, for tests and verification).
 
 Each fused adapter is split by the group size it was built with: a factor's rows are put back at
-the positions the base weight's transform gives for each rank, then cut into the HF targets.
+the positions the base weight's transform gives for each rank, then cut into the HF targets. A
+factor split over TP ranks is assembled (one module at a time) on the first rank of its group;
+only the first data-parallel replica keeps it.
 """
 
 from __future__ import annotations
@@ -13,15 +17,12 @@ from megatron.core import parallel_state
 
 from lora_trainer.bridge.gather import gather_shards, merge_from_all_ranks
 from lora_trainer.bridge.loader import group_rank_size
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
+from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter, HFExpertLoraWeights, HFLoraWeights, LocalFactors
 from lora_trainer.lora.config import LoraConfig
 from lora_trainer.lora.experts import Adapter, ExpertLoraView, linear_adapters
 from lora_trainer.lora.layers import LoraLinear
 from lora_trainer.lora.layout import shard_positions
 from lora_trainer.qwen35.spec import Qwen35Spec
-
-# (HF module path below the text prefix, expert index or None) -> (a [r, in], b [out, r])
-LocalFactors = dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _unshard(shards: list[torch.Tensor], adapter: LoraLinear | ExpertLoraView, dim: int) -> torch.Tensor:
@@ -104,3 +105,45 @@ def gather_hf_adapter(
         text_prefix=spec.text_prefix,
         base_model_name_or_path=base_model_name_or_path,
     )
+
+
+def distributed_hf_adapter(
+    adapters: list[LoraLinear], spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str
+) -> DistributedAdapter:
+    """This rank's part of the adapter in HF layout: the factors it keeps (`local_hf_factors`)
+    and the whole adapter's shapes. Collective: every rank must call it; only shapes and one flag
+    per factor (whether lora_B is non-zero) travel between ranks."""
+    local = {key: (a.cpu(), b.cpu()) for key, (a, b) in local_hf_factors(adapters, spec).items()}
+    shapes = merge_from_all_ranks(
+        {key: (tuple(a.shape), tuple(b.shape), bool(b.any())) for key, (a, b) in local.items()}
+    )
+    linears: dict[str, HFLoraWeights] = {}
+    experts: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...]]]] = defaultdict(dict)
+    nonzero: set[str] = set()
+    for (module, expert), (a_shape, b_shape, b_nonzero) in shapes.items():
+        if b_nonzero:
+            nonzero.add(module)
+        if expert is None:
+            linears[module] = HFLoraWeights(_meta(a_shape), _meta(b_shape))
+        else:
+            experts[module][expert] = (a_shape, b_shape)
+    stacked = {
+        module: HFExpertLoraWeights(
+            _meta((len(by_expert), *by_expert[0][0])), _meta((len(by_expert), *by_expert[0][1]))
+        )
+        for module, by_expert in experts.items()
+    }
+    layout = HFAdapter(
+        linears=dict(sorted(linears.items())),
+        experts=dict(sorted(stacked.items())),
+        r=config.r,
+        alpha=config.alpha,
+        use_rslora=config.rslora,
+        text_prefix=spec.text_prefix,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    return DistributedAdapter(layout, local, len(nonzero))
+
+
+def _meta(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32, device="meta")

@@ -5,23 +5,25 @@ a temporary sibling, fsynced, renamed), and a previous export of the same name s
 until the new one replaces it. A failure (full disk, unwritable directory, killed process) leaves
 no half export under the final names.
 
-Merged checkpoint on several ranks (all of them call `export_hf` with the same arguments, their
-own `rank` and a `barrier` over all ranks; the save directory must be on a filesystem every rank
-sees):
+On several ranks all of them call `export_hf` with the same arguments, their own `rank` and a
+`barrier` over all ranks, each with its own part of the adapter (`DistributedAdapter`: every rank
+holds only the factors it writes; the save directory must be on a filesystem every rank sees):
 
-1. rank 0 creates the staging directory `save_dir/.hf_merged.staging` (removing one a killed
-   export left there); barrier;
-2. every rank writes its share of the shard files into it (`write_merged_checkpoint`) and fsyncs
+1. rank 0 creates the staging directory `save_dir/.hf_export.staging` (removing one a killed
+   export left there) and in it the adapter file with its header, at its full size; barrier;
+2. every rank writes its factors at their byte ranges of the adapter file; barrier;
+3. every rank writes its share of the merged shard files (rank r: files r, r + world_size, ...),
+   reading back from the adapter file only the factors of the tensors in its shards, and fsyncs
    them; barrier;
-3. rank 0 checks that every shard is there with its full size and removes what killed exports
-   left (`cleanup_stale_temporaries`); it writes the adapter into the temporary directory of
-   `atomic_directory("hf_adapter")` and moves the merged files into that of
-   `atomic_directory("hf_merged")`; once both are complete they are renamed into place (hf_merged
-   first). Then it runs the optional check and writes the manifest. Other ranks return `{}` after
-   the second barrier.
+4. rank 0 checks that every shard is there with its full size and removes what killed exports
+   left (`cleanup_stale_temporaries`); it moves the adapter and the merged files into the
+   temporary directories of `atomic_directory("hf_adapter")` and `atomic_directory("hf_merged")`;
+   once both are complete they are renamed into place (hf_merged first). Then it runs the optional
+   check and writes the manifest. Other ranks return `{}` after the last barrier.
 
-Every rank reaches both barriers even when its own step failed, and then raises, so no rank waits
-forever on a rank that failed; rank 0 renames nothing when any rank's files are missing or short.
+Every rank reaches every barrier even when a step failed: a rank whose step fails leaves a marker
+in the staging directory, so no rank runs a later step on the failed one's output, and then
+raises; the other ranks raise a `PeerExportError`. Rank 0 renames nothing after any failure.
 """
 
 from __future__ import annotations
@@ -43,22 +45,29 @@ from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.errors import ExportError, PeerExportError
 from lora_trainer.export.atomic import atomic_directory, cleanup_stale_temporaries, export_error
 from lora_trainer.export.check import CHECK_MEMORY_GB, ExportCheckResult, check_export
-from lora_trainer.export.hf_lora import HFAdapter
+from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter
 from lora_trainer.export.manifest import build_manifest, write_manifest
-from lora_trainer.export.merged import write_merged_checkpoint
-from lora_trainer.export.peft_adapter import Profile, write_peft_adapter
+from lora_trainer.export.merged import shard_modules, write_merged_checkpoint
+from lora_trainer.export.peft_adapter import (
+    WEIGHTS_FILE,
+    Profile,
+    create_adapter_file,
+    read_adapter_modules,
+    write_local_factors,
+)
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "hf_adapter"
 MERGED_DIR = "hf_merged"
-STAGING_DIR = ".hf_merged.staging"
+STAGING_DIR = ".hf_export.staging"
+FAILED_DIR = ".failed"
 
 Barrier = Callable[[], None]
 
 
 def export_hf(
-    adapter: HFAdapter,
+    adapter: HFAdapter | DistributedAdapter,
     base_dir: Path,
     save_dir: Path,
     *,
@@ -75,7 +84,8 @@ def export_hf(
     progress: bool = True,
     started_at: float | None = None,
 ) -> dict[str, Any]:
-    """Export `adapter` (full, on every rank) on the base checkpoint `base_dir` into `save_dir`.
+    """Export `adapter` on the base checkpoint `base_dir` into `save_dir`: a whole `HFAdapter`
+    (every rank may pass the same one) or this rank's part of a `DistributedAdapter`.
 
     Returns the manifest on rank 0 and `{}` on the other ranks. With `check_input_ids` ([batch,
     seq] token ids) rank 0 runs `check_export` (in `check_dtype`, layer by layer when the model
@@ -88,16 +98,18 @@ def export_hf(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    if world_size > 1 and write_merged and barrier is None:
-        raise ValueError("a merged export on several ranks needs a barrier over all ranks")
+    if world_size > 1 and barrier is None:
+        raise ValueError("an export on several ranks needs a barrier over all ranks")
+    parts = adapter if isinstance(adapter, DistributedAdapter) else DistributedAdapter.of(adapter)
     started = time.monotonic()
     started_at = time.time() if started_at is None else started_at
     base_dir, save_dir = Path(base_dir), Path(save_dir)
     staging = save_dir / STAGING_DIR
     written: dict[str, Path] = {}
+    if not (write_adapter or write_merged):
+        return _finish(parts, base_dir, save_dir, step, profile, written, None, started) if rank == 0 else {}
     try:
-        if write_merged:
-            _stage_merged(adapter, base_dir, staging, rank, world_size, barrier or _no_barrier, progress)
+        _stage(parts, base_dir, staging, profile, write_merged, rank, world_size, barrier or _no_barrier, progress)
         if rank != 0:
             return {}
         for name in (ADAPTER_DIR, MERGED_DIR):
@@ -105,20 +117,33 @@ def export_hf(
         with ExitStack() as stack:
             if write_adapter:
                 adapter_tmp = stack.enter_context(atomic_directory(save_dir / ADAPTER_DIR))
-                _write_adapter(adapter, adapter_tmp, profile)
+                _move_contents(staging / ADAPTER_DIR, adapter_tmp)
                 written[ADAPTER_DIR] = save_dir / ADAPTER_DIR
             if write_merged:
                 merged_tmp = stack.enter_context(atomic_directory(save_dir / MERGED_DIR))
-                _move_contents(staging, merged_tmp)
+                _move_contents(staging / MERGED_DIR, merged_tmp)
                 written[MERGED_DIR] = save_dir / MERGED_DIR
     finally:
-        if write_merged and rank == 0:
+        if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-    export_seconds = time.monotonic() - started
-
     check = _run_check(base_dir, save_dir, profile, check_input_ids, check_dtype, check_memory_gb, written)
+    return _finish(parts, base_dir, save_dir, step, profile, written, check, started)
+
+
+def _finish(
+    parts: DistributedAdapter,
+    base_dir: Path,
+    save_dir: Path,
+    step: int,
+    profile: Profile,
+    written: dict[str, Path],
+    check: ExportCheckResult | None,
+    started: float,
+) -> dict[str, Any]:
+    """Rank 0: write and log the manifest."""
+    export_seconds = time.monotonic() - started
     manifest = build_manifest(
-        adapter=adapter,
+        adapter=parts,
         base_dir=base_dir,
         step=step,
         profile=profile,
@@ -141,38 +166,76 @@ def _no_barrier() -> None:
     """The barrier of a single rank."""
 
 
-def _stage_merged(
-    adapter: HFAdapter, base_dir: Path, staging: Path, rank: int, world_size: int, barrier: Barrier, progress: bool
+def _stage(
+    parts: DistributedAdapter,
+    base_dir: Path,
+    staging: Path,
+    profile: Profile,
+    write_merged: bool,
+    rank: int,
+    world_size: int,
+    barrier: Barrier,
+    progress: bool,
 ) -> None:
-    """Steps 1 and 2 of the module docstring, then rank 0 checks that the staging is complete.
+    """Steps 1 to 3 of the module docstring, then rank 0 checks that the merged shards are
+    complete. Raises on every rank whose own step failed, a PeerExportError on the others; rank
+    0's caller removes the staging directory."""
+    adapter_file = staging / ADAPTER_DIR / WEIGHTS_FILE
 
-    Raises on every rank whose own step failed, and on rank 0 also when the staging is incomplete;
-    rank 0's caller removes the staging directory."""
-    failure: Exception | None = None
-    if rank == 0:
-        try:
+    def create() -> None:
+        if rank == 0:
             _fresh_directory(staging)
-        except Exception as error:  # noqa: BLE001 - re-raised after the barrier
-            failure = error
-    barrier()
-    if failure is None and not staging.is_dir():
-        failure = PeerExportError(f"rank 0 did not create the merged staging directory {staging}: see rank 0's error")
-    if failure is None:
+            (staging / ADAPTER_DIR).mkdir()
+            (staging / MERGED_DIR).mkdir()
+            _write_adapter(lambda: create_adapter_file(staging / ADAPTER_DIR, parts.layout, profile), staging)
+
+    def write_factors() -> None:
+        _write_adapter(lambda: write_local_factors(adapter_file, parts.layout, parts.local, profile), adapter_file)
+        _fsync_file(adapter_file)
+
+    def merge() -> None:
+        modules = shard_modules(parts.layout, base_dir, rank=rank, world_size=world_size)
+        adapter = read_adapter_modules(adapter_file, parts.layout, profile, modules)
+        for path in write_merged_checkpoint(
+            adapter, base_dir, staging / MERGED_DIR, rank=rank, world_size=world_size, progress=progress
+        ):
+            _fsync_file(path)
+
+    failure: Exception | None = None
+    for index, step in enumerate((create, write_factors, *((merge,) if write_merged else ()))):
+        if failure is None and index > 0 and not staging.is_dir():
+            failure = PeerExportError(f"rank 0 did not create the export staging directory {staging}: see rank 0's error")
+        elif failure is None and index > 0 and _peer_failed(staging):
+            failure = PeerExportError("another rank's export step failed: see its error")
+        elif failure is None:
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - re-raised after the barrier
+                failure = error
+                _mark_failed(staging, rank)
+        barrier()
+    if failure is None and _peer_failed(staging):
+        failure = PeerExportError("another rank's export step failed: see its error")
+    if failure is None and rank == 0 and write_merged:
         try:
-            for path in write_merged_checkpoint(
-                adapter, base_dir, staging, rank=rank, world_size=world_size, progress=progress
-            ):
-                _fsync_file(path)
-        except Exception as error:  # noqa: BLE001 - re-raised after the barrier
-            failure = error
-    barrier()
-    if failure is None and rank == 0:
-        try:
-            _check_staging_complete(base_dir, staging)
+            _check_staging_complete(base_dir, staging / MERGED_DIR)
         except Exception as error:  # noqa: BLE001 - re-raised below
             failure = error
     if failure is not None:
         raise failure
+
+
+def _mark_failed(staging: Path, rank: int) -> None:
+    """Leave a marker that this rank's step failed (nothing when the staging directory is unusable)."""
+    try:
+        (staging / FAILED_DIR).mkdir(exist_ok=True)
+        (staging / FAILED_DIR / str(rank)).touch()
+    except OSError:
+        pass
+
+
+def _peer_failed(staging: Path) -> bool:
+    return (staging / FAILED_DIR).is_dir()
 
 
 def _fresh_directory(path: Path) -> None:
@@ -228,11 +291,12 @@ def _move_contents(source: Path, target: Path) -> None:
             raise export_error(target / entry.name, error, "moving into place") from error
 
 
-def _write_adapter(adapter: HFAdapter, directory: Path, profile: Profile) -> None:
+def _write_adapter(write: Callable[[], object], path: Path) -> None:
+    """Run one adapter-file write, with a clear error when the disk refuses."""
     try:
-        write_peft_adapter(adapter, directory, profile)
+        write()
     except (OSError, SafetensorError) as error:
-        raise export_error(directory, error) from error
+        raise export_error(path, error) from error
 
 
 def _run_check(

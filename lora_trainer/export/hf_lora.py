@@ -11,7 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
+
+# (HF module path below the text prefix, expert index or None) -> (a [r, in], b [out, r])
+LocalFactors = dict[tuple[str, int | None], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -87,3 +91,45 @@ class HFAdapter:
     def scale(self) -> float:
         """The LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True)
+class DistributedAdapter:
+    """An adapter spread over ranks, as the export writes it.
+
+    `layout` is the whole adapter with every factor on the meta device (names and shapes only; the
+    same on every rank); `local` holds the factors this rank writes, keyed (module, expert index
+    or None), a [r, in] and b [out, r] of one linear module or one expert; no factor is local to
+    two ranks. `nonzero_lora_b` counts the non-zero lora_B of the whole adapter (one per linear
+    module, one per packed expert projection).
+    """
+
+    layout: HFAdapter
+    local: LocalFactors
+    nonzero_lora_b: int
+
+    @classmethod
+    def of(cls, adapter: HFAdapter) -> DistributedAdapter:
+        """A whole adapter held by one rank: every factor is local."""
+        local: LocalFactors = {(module, None): (w.a, w.b) for module, w in adapter.linears.items()}
+        for key, weights in adapter.experts.items():
+            local.update({(key, e): (weights.a[e], weights.b[e]) for e in range(weights.a.shape[0])})
+        nonzero = sum(1 for w in (*adapter.linears.values(), *adapter.experts.values()) if bool(w.b.any()))
+        return cls(on_meta(adapter), local, nonzero)
+
+
+def on_meta(adapter: HFAdapter) -> HFAdapter:
+    """`adapter` with every factor replaced by an fp32 meta tensor of its shape."""
+
+    def meta(tensor: Tensor) -> Tensor:
+        return torch.empty(tensor.shape, dtype=torch.float32, device="meta")
+
+    return HFAdapter(
+        linears={m: HFLoraWeights(meta(w.a), meta(w.b)) for m, w in adapter.linears.items()},
+        experts={k: HFExpertLoraWeights(meta(w.a), meta(w.b)) for k, w in adapter.experts.items()},
+        r=adapter.r,
+        alpha=adapter.alpha,
+        use_rslora=adapter.use_rslora,
+        text_prefix=adapter.text_prefix,
+        base_model_name_or_path=adapter.base_model_name_or_path,
+    )

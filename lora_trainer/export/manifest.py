@@ -20,7 +20,7 @@ from typing import Any
 
 from lora_trainer.export.atomic import atomic_write_json
 from lora_trainer.export.check import ExportCheckResult
-from lora_trainer.export.hf_lora import HFAdapter
+from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter
 
 MANIFEST_FILE = "export_manifest.json"
 FORMAT_VERSION = 1
@@ -31,7 +31,7 @@ _HASH_CHUNK = 16 * 2**20
 
 def build_manifest(
     *,
-    adapter: HFAdapter,
+    adapter: HFAdapter | DistributedAdapter,
     base_dir: Path,
     step: int,
     profile: str,
@@ -41,6 +41,8 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The manifest of one export; `exported_dirs` maps each written directory's name
     (`hf_adapter`, `hf_merged`) to its path, whose files are hashed."""
+    nonzero = adapter.nonzero_lora_b if isinstance(adapter, DistributedAdapter) else nonzero_lora_b(adapter)
+    adapter = adapter.layout if isinstance(adapter, DistributedAdapter) else adapter
     base_dir = Path(base_dir)
     config = base_dir / "config.json"
     files = {name: hash_files(directory) for name, directory in exported_dirs.items()}
@@ -60,7 +62,7 @@ def build_manifest(
             "scale": adapter.scale,
             "text_prefix": adapter.text_prefix,
             "modules": module_counts(adapter),
-            "nonzero_lora_B": nonzero_lora_b(adapter),
+            "nonzero_lora_B": nonzero,
         },
         "files": files,
         "sizes_bytes": {

@@ -146,6 +146,20 @@ def write_merged_checkpoint(
     return written
 
 
+def shard_modules(layout: HFAdapter, base_dir: Path, *, rank: int = 0, world_size: int = 1) -> set[str]:
+    """The adapter modules (keys of `layout.linears` / `layout.experts`) whose deltas go into the
+    shard files `rank` writes; checks the whole `layout` (factors may be on the meta device)
+    against the whole base first, as `write_merged_checkpoint` does."""
+    base_dir = Path(base_dir)
+    with CheckpointReader(base_dir) as reader:
+        files = {name: reader.file_of(name) for name in reader.names()}
+    shard_paths = sorted(set(files.values()))
+    deltas = plan_deltas(layout, files)
+    _check_deltas(deltas, {entry.name: entry for path in shard_paths for entry in _read_entries(path)})
+    mine = set(shard_paths[rank::world_size])
+    return {delta.source for name, delta in deltas.items() if files[name] in mine}
+
+
 def plan_deltas(adapter: HFAdapter, names: Iterable[str]) -> dict[str, LowRankDelta]:
     """Base tensor name -> its delta, for every adapter module, in the base's own expert layout.
 

@@ -19,6 +19,9 @@ Routed experts, two profiles:
 from __future__ import annotations
 
 import json
+import math
+import os
+import struct
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights
+from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights, LocalFactors
 
 Profile = Literal["peft", "per_expert"]
 
@@ -180,3 +183,166 @@ def _adapter_config(adapter: HFAdapter, target_modules: list[str], target_parame
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
+
+
+# Distributed writing: every rank writes its own factors into one adapter file whose header every
+# rank computes from the layout (all tensors fp32, in safetensors' own order and format).
+_F32 = 4
+
+
+def file_entries(layout: HFAdapter, profile: Profile) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of the adapter file of `layout` (factors may be on meta)."""
+    tensors = _linear_tensors(layout)
+    if profile == "peft":
+        tensors.update(_packed_expert_tensors(layout))
+    elif profile == "per_expert":
+        tensors.update(_per_expert_tensors(layout))
+    else:
+        raise ValueError(f"unknown PEFT export profile {profile!r}; use 'peft' or 'per_expert'")
+    return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+
+
+def _header(entries: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, int]]:
+    """The safetensors header bytes (as `save_file` writes them for fp32 tensors) and each key's
+    absolute data offset."""
+    described: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offsets: dict[str, int] = {}
+    cursor = 0
+    for key in sorted(entries):
+        size = math.prod(entries[key]) * _F32
+        described[key] = {"dtype": "F32", "shape": list(entries[key]), "data_offsets": [cursor, cursor + size]}
+        offsets[key] = cursor
+        cursor += size
+    text = json.dumps(described, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    return struct.pack("<Q", len(text)) + text, {key: start + offset for key, offset in offsets.items()}
+
+
+def create_adapter_file(directory: Path, layout: HFAdapter, profile: Profile) -> Path:
+    """Write `adapter_config.json` and the adapter file's header into `directory`, the file at its
+    full size (data still zero); every rank then writes its factors with `write_local_factors`."""
+    entries = file_entries(layout, profile)
+    header, offsets = _header(entries)
+    path = directory / WEIGHTS_FILE
+    end = max((offsets[key] + math.prod(shape) * _F32 for key, shape in entries.items()), default=len(header))
+    with open(path, "wb") as handle:
+        handle.write(header)
+        handle.truncate(end)
+    target_modules = {_leaf(module) for module in layout.linears}
+    target_parameters: list[str] = []
+    if profile == "peft":
+        target_parameters = sorted(f"mlp.experts.{proj}" for proj in _targeted_projections(layout))
+    else:
+        target_modules.update(_per_expert_leaves(layout))
+    config = _adapter_config(layout, sorted(target_modules), target_parameters)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_local_factors(path: Path, layout: HFAdapter, local: LocalFactors, profile: Profile) -> None:
+    """Write the factors in `local` at their byte ranges of the adapter file `path` (made by
+    `create_adapter_file`). Packed expert lora_B columns of consecutive local experts are written
+    together (one run of bytes per row and rank index)."""
+    _, offsets = _header(file_entries(layout, profile))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        experts: dict[str, list[int]] = {}
+        for (module, expert), (a, b) in local.items():
+            if expert is None:
+                for key, tensor in _lora_pair(layout, module, a, b).items():
+                    _pwrite(fd, tensor, offsets[key])
+            else:
+                experts.setdefault(module, []).append(expert)
+        for key, indices in experts.items():
+            for run in _runs(sorted(indices)):
+                _write_expert_run(fd, layout, key, run, local, offsets, profile)
+    finally:
+        os.close(fd)
+
+
+def _runs(indices: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and runs[-1][-1] == index - 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def _write_expert_run(
+    fd: int, layout: HFAdapter, key: str, run: list[int], local: LocalFactors, offsets: dict[str, int],
+    profile: Profile,
+) -> None:
+    module, proj = _split_expert_key(key)
+    if profile == "per_expert":
+        names = PER_EXPERT_MODULES[proj]
+        for expert in run:
+            a, b = local[(key, expert)]
+            for name, rows in zip(names, b.chunk(len(names), dim=0), strict=True):
+                for file_key, tensor in _lora_pair(layout, f"{module}.{expert}.{name}", a, rows).items():
+                    _pwrite(fd, tensor, offsets[file_key])
+        return
+    targeted = _targeted_projections(layout)
+    wrapper = module + ".base_layer" * (len(targeted) - 1 - targeted.index(proj))
+    stem = f"{KEY_PREFIX}{layout.text_prefix}{wrapper}"
+    experts, rank, fan_in = layout.experts[key].a.shape
+    a = torch.stack([local[(key, e)][0] for e in run])
+    _pwrite(fd, a, offsets[f"{stem}.lora_A.weight"] + run[0] * rank * fan_in * _F32)
+    columns = torch.stack([local[(key, e)][1] for e in run]).permute(1, 2, 0).float().contiguous()  # [out, r, n]
+    start = offsets[f"{stem}.lora_B.weight"]
+    if len(run) == experts:
+        _pwrite(fd, columns, start)
+        return
+    fan_out = columns.shape[0]
+    for row in range(fan_out):
+        for j in range(rank):
+            _pwrite(fd, columns[row, j], start + ((row * rank + j) * experts + run[0]) * _F32)
+
+
+def _pwrite(fd: int, tensor: Tensor, offset: int) -> None:
+    view = memoryview(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1).numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def read_adapter_modules(path: Path, layout: HFAdapter, profile: Profile, modules: set[str]) -> HFAdapter:
+    """The adapter restricted to `modules` (keys of `layout.linears` / `layout.experts`), read back
+    from the adapter file `path` in `profile`'s layout: exactly the factors that were written."""
+    from safetensors import safe_open
+
+    linears: dict[str, HFLoraWeights] = {}
+    experts: dict[str, HFExpertLoraWeights] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for module in sorted(modules & set(layout.linears)):
+            keys = list(_lora_pair(layout, module, layout.linears[module].a, layout.linears[module].b))
+            linears[module] = HFLoraWeights(handle.get_tensor(keys[0]), handle.get_tensor(keys[1]))
+        for key in sorted(modules & set(layout.experts)):
+            experts[key] = _read_experts(handle, layout, key, profile)
+    return HFAdapter(linears, experts, layout.r, layout.alpha, layout.use_rslora, layout.text_prefix,
+                     layout.base_model_name_or_path)
+
+
+def _read_experts(handle: Any, layout: HFAdapter, key: str, profile: Profile) -> HFExpertLoraWeights:
+    module, proj = _split_expert_key(key)
+    experts, rank, _ = layout.experts[key].a.shape
+    if profile == "per_expert":
+        a_rows, b_rows = [], []
+        for expert in range(experts):
+            parts = [
+                list(_lora_pair(layout, f"{module}.{expert}.{name}", layout.experts[key].a, layout.experts[key].b))
+                for name in PER_EXPERT_MODULES[proj]
+            ]
+            a_rows.append(handle.get_tensor(parts[0][0]))
+            b_rows.append(torch.cat([handle.get_tensor(names[1]) for names in parts]))
+        return HFExpertLoraWeights(torch.stack(a_rows), torch.stack(b_rows))
+    targeted = _targeted_projections(layout)
+    wrapper = module + ".base_layer" * (len(targeted) - 1 - targeted.index(proj))
+    stem = f"{KEY_PREFIX}{layout.text_prefix}{wrapper}"
+    a = handle.get_tensor(f"{stem}.lora_A.weight")
+    b = handle.get_tensor(f"{stem}.lora_B.weight")
+    return HFExpertLoraWeights(
+        a.view(experts, rank, -1).clone(), b.view(b.shape[0], rank, experts).permute(2, 0, 1).contiguous()
+    )
