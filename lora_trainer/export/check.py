@@ -58,6 +58,7 @@ MODULE_SAFETY = 4.0
 END_SAFETY = 8.0
 EPS_FLOOR = 64.0
 NOISE_SEED = 1234
+NOISE_CHUNK = 2**22
 Mode = Literal["full", "layer"]
 END_KINDS = ("logits", "layer_output")
 
@@ -428,16 +429,18 @@ def adapted_parameters(model: torch.nn.Module) -> list[str]:
 
 def round_like_storage_(model: torch.nn.Module, names: list[str], stored: torch.dtype) -> None:
     """Move each named parameter by uniform noise in +-half an ulp of `stored` at its value: a
-    rounding to `stored`, statistically, that keeps the exact value's information out."""
+    rounding to `stored`, statistically, that keeps the exact value's information out. Works
+    through each parameter in chunks of `NOISE_CHUNK` elements, so it needs little memory."""
     eps = torch.finfo(stored).eps
     generator = torch.Generator().manual_seed(NOISE_SEED)
     with torch.no_grad():
         for name in names:
-            weight = model.get_parameter(name)
-            _, exponent = torch.frexp(weight)
-            ulp = torch.ldexp(torch.full_like(weight, eps), exponent - 1)
-            noise = torch.rand(weight.shape, generator=generator, dtype=weight.dtype) - 0.5
-            weight.add_(noise * ulp)
+            flat = model.get_parameter(name).view(-1)
+            for start in range(0, flat.numel(), NOISE_CHUNK):
+                part = flat[start : start + NOISE_CHUNK]
+                _, exponent = torch.frexp(part)
+                noise = torch.rand(part.shape, generator=generator, dtype=part.dtype).sub_(0.5).mul_(eps)
+                part.add_(torch.ldexp(noise, exponent - 1))
 
 
 def _logits(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
