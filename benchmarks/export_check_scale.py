@@ -30,7 +30,6 @@ import torch
 from safetensors.torch import save_file
 
 from lora_trainer.bridge.safetensors_io import INDEX_FILE, shard_file_names
-from lora_trainer.export.check import CHECK_MEMORY_GB, check_export, model_bytes
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
 from lora_trainer.export.manifest import MANIFEST_FILE
 from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
@@ -153,6 +152,8 @@ def main() -> None:
             del adapter
         if args.skip_check:
             return
+        from lora_trainer.export.check import CHECK_MEMORY_GB, check_export, model_bytes
+
         ids = torch.randint(0, 248320, (2, 16), generator=torch.Generator().manual_seed(0))
 
         full = model_bytes(base, torch.float32)

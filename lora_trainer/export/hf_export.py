@@ -89,10 +89,11 @@ def export_hf(
 
     Returns the manifest on rank 0 and `{}` on the other ranks. With `check_input_ids` ([batch,
     seq] token ids) rank 0 runs `check_export` (in `check_dtype`, layer by layer when the model
-    exceeds `check_memory_gb`) on the written adapter and merged checkpoint (peft profile only) and records the result in the
-    manifest; a failed check is logged as an error, not raised (the caller decides). `barrier`
-    (needed when `world_size > 1` and `write_merged`) must block until every rank has called it.
-    Raises ExportError when anything cannot be written. The manifest records `status`
+    exceeds `check_memory_gb`) on the written adapter and merged checkpoint (peft profile only)
+    and records the result in the manifest; a failed check is logged as an error, not raised (the
+    caller decides). `barrier` (needed when `world_size > 1`) must block until every rank has
+    called it. Raises ExportError when anything cannot be written (PeerExportError on a rank whose
+    own steps succeeded but another rank's failed). The manifest records `status`
     (`complete`, or `check_failed`), `export_started_at` (`started_at`, by default when this call
     began) and `export_finished_at` (unix seconds).
     """
@@ -204,7 +205,7 @@ def _stage(
     failure: Exception | None = None
     for index, step in enumerate((create, write_factors, *((merge,) if write_merged else ()))):
         if failure is None and index > 0 and not staging.is_dir():
-            failure = PeerExportError(f"rank 0 did not create the export staging directory {staging}: see rank 0's error")
+            failure = PeerExportError(f"rank 0 did not create the export staging directory {staging}: see its error")
         elif failure is None and index > 0 and _peer_failed(staging):
             failure = PeerExportError("another rank's export step failed: see its error")
         elif failure is None:
