@@ -59,6 +59,8 @@ END_SAFETY = 8.0
 EPS_FLOOR = 64.0
 NOISE_SEED = 1234
 NOISE_CHUNK = 2**22
+# Tokens each routed expert is checked on (rows of the check batch, a different choice per expert).
+EXPERT_TOKENS = 8
 Mode = Literal["full", "layer"]
 END_KINDS = ("logits", "layer_output")
 
@@ -394,16 +396,19 @@ def every_expert_inputs(
     experts: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The recorded (hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) of a routed
-    experts module turned into a routing through every expert alone: the T tokens once per
-    expert (E x T rows, row e x T + t), each row to its expert only, with weight 1. So every
-    expert's output is compared on its own, whatever the router would pick."""
+    experts module turned into a routing through every expert alone: `EXPERT_TOKENS` of the T
+    tokens (a different choice per expert) once per expert, each row to its expert only, with
+    weight 1. So every expert's output is compared on its own, whatever the router would pick."""
     values = list(args) + [kwargs[name] for name in ("hidden_states", "top_k_index", "top_k_weights") if name in kwargs]
     hidden, top_k_index, top_k_weights = values[:3]
     num_experts = _num_experts(experts)
     tokens = hidden.shape[0]
-    index = torch.arange(num_experts, dtype=top_k_index.dtype).repeat_interleave(tokens).unsqueeze(1)
+    per_expert = min(EXPERT_TOKENS, tokens)
+    expert = torch.arange(num_experts).repeat_interleave(per_expert)
+    rows = (expert * per_expert + torch.arange(per_expert).repeat(num_experts)) % tokens
+    index = expert.to(top_k_index.dtype).unsqueeze(1)
     weights = torch.ones(index.shape, dtype=top_k_weights.dtype)
-    return (hidden.repeat(num_experts, 1), index, weights), {}
+    return (hidden[rows], index, weights), {}
 
 
 def _num_experts(experts: torch.nn.Module) -> int:
