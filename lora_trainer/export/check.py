@@ -61,6 +61,13 @@ NOISE_SEED = 1234
 NOISE_CHUNK = 2**22
 # Tokens each routed expert is checked on (rows of the check batch, a different choice per expert).
 EXPERT_TOKENS = 8
+# Integer view and exponent-bit mask of the compute dtypes.
+_EXPONENT_BITS = {
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
 Mode = Literal["full", "layer"]
 END_KINDS = ("logits", "layer_output")
 
@@ -434,18 +441,20 @@ def adapted_parameters(model: torch.nn.Module) -> list[str]:
 
 def round_like_storage_(model: torch.nn.Module, names: list[str], stored: torch.dtype) -> None:
     """Move each named parameter by uniform noise in +-half an ulp of `stored` at its value: a
-    rounding to `stored`, statistically, that keeps the exact value's information out. Works
-    through each parameter in chunks of `NOISE_CHUNK` elements, so it needs little memory."""
+    rounding to `stored`, statistically, that keeps the exact value's information out. The ulp is
+    the power of two of the value's exponent (its exponent bits alone) times `stored`'s eps; one
+    block of `NOISE_CHUNK` random numbers serves every chunk of every parameter."""
     eps = torch.finfo(stored).eps
     generator = torch.Generator().manual_seed(NOISE_SEED)
     with torch.no_grad():
         for name in names:
             flat = model.get_parameter(name).view(-1)
+            integer, exponent_bits = _EXPONENT_BITS[flat.dtype]
+            noise = (torch.rand(min(NOISE_CHUNK, flat.numel()), generator=generator, dtype=flat.dtype) - 0.5) * eps
             for start in range(0, flat.numel(), NOISE_CHUNK):
                 part = flat[start : start + NOISE_CHUNK]
-                _, exponent = torch.frexp(part)
-                noise = torch.rand(part.shape, generator=generator, dtype=part.dtype).sub_(0.5).mul_(eps)
-                part.add_(torch.ldexp(noise, exponent - 1))
+                scale = torch.bitwise_and(part.view(integer), exponent_bits).view(part.dtype)
+                part.addcmul_(scale, noise[: part.numel()])
 
 
 def _logits(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
