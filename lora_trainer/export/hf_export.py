@@ -101,14 +101,14 @@ def export_hf(
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if world_size > 1 and barrier is None:
         raise ValueError("an export on several ranks needs a barrier over all ranks")
-    parts = adapter if isinstance(adapter, DistributedAdapter) else DistributedAdapter.of(adapter)
+    parts = adapter if isinstance(adapter, DistributedAdapter) else _whole_on_rank_0(adapter, rank)
     started = time.monotonic()
     started_at = time.time() if started_at is None else started_at
     base_dir, save_dir = Path(base_dir), Path(save_dir)
     staging = save_dir / STAGING_DIR
     written: dict[str, Path] = {}
     if not (write_adapter or write_merged):
-        return _finish(parts, base_dir, save_dir, step, profile, written, None, started) if rank == 0 else {}
+        return _finish(parts, base_dir, save_dir, step, profile, written, None, started, started_at) if rank == 0 else {}
     try:
         _stage(parts, base_dir, staging, profile, write_merged, rank, world_size, barrier or _no_barrier, progress)
         if rank != 0:
@@ -128,7 +128,7 @@ def export_hf(
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
     check = _run_check(base_dir, save_dir, profile, check_input_ids, check_dtype, check_memory_gb, written)
-    return _finish(parts, base_dir, save_dir, step, profile, written, check, started)
+    return _finish(parts, base_dir, save_dir, step, profile, written, check, started, started_at)
 
 
 def _finish(
@@ -140,6 +140,7 @@ def _finish(
     written: dict[str, Path],
     check: ExportCheckResult | None,
     started: float,
+    started_at: float,
 ) -> dict[str, Any]:
     """Rank 0: write and log the manifest."""
     export_seconds = time.monotonic() - started
@@ -161,6 +162,13 @@ def _finish(
     sizes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in manifest["sizes_bytes"].items())
     logger.info("HF export of step %d to %s in %.1f s: %s", step, save_dir, export_seconds, sizes or "nothing")
     return manifest
+
+
+def _whole_on_rank_0(adapter: HFAdapter, rank: int) -> DistributedAdapter:
+    """A whole `HFAdapter`: rank 0 writes all its factors into the adapter file; another rank's
+    `adapter` (the same, or only the modules its merged shards need) only names the modules."""
+    whole = DistributedAdapter.of(adapter)
+    return whole if rank == 0 else DistributedAdapter(whole.layout, {}, whole.nonzero_lora_b)
 
 
 def _no_barrier() -> None:

@@ -319,13 +319,24 @@ def read_adapter_modules(path: Path, layout: HFAdapter, profile: Profile, module
         for module in sorted(modules & set(layout.linears)):
             keys = list(_lora_pair(layout, module, layout.linears[module].a, layout.linears[module].b))
             linears[module] = HFLoraWeights(handle.get_tensor(keys[0]), handle.get_tensor(keys[1]))
+        targeted = _targeted_in_file(Path(path)) if profile == "peft" else []
         for key in sorted(modules & set(layout.experts)):
-            experts[key] = _read_experts(handle, layout, key, profile)
+            experts[key] = _read_experts(handle, layout, key, profile, targeted)
     return HFAdapter(linears, experts, layout.r, layout.alpha, layout.use_rslora, layout.text_prefix,
                      layout.base_model_name_or_path)
 
 
-def _read_experts(handle: Any, layout: HFAdapter, key: str, profile: Profile) -> HFExpertLoraWeights:
+def _targeted_in_file(path: Path) -> list[str]:
+    """The packed projections the adapter file next to `path` targets, in PEFT's wrapping order
+    (from its adapter_config.json, so a layout holding only some modules names them right)."""
+    config = json.loads((path.parent / CONFIG_FILE).read_text())
+    listed = set(config.get("target_parameters") or ())
+    return [proj for proj in EXPERT_PROJECTIONS if f"mlp.experts.{proj}" in listed]
+
+
+def _read_experts(
+    handle: Any, layout: HFAdapter, key: str, profile: Profile, targeted: list[str]
+) -> HFExpertLoraWeights:
     module, proj = _split_expert_key(key)
     experts, rank, _ = layout.experts[key].a.shape
     if profile == "per_expert":
@@ -338,7 +349,6 @@ def _read_experts(handle: Any, layout: HFAdapter, key: str, profile: Profile) ->
             a_rows.append(handle.get_tensor(parts[0][0]))
             b_rows.append(torch.cat([handle.get_tensor(names[1]) for names in parts]))
         return HFExpertLoraWeights(torch.stack(a_rows), torch.stack(b_rows))
-    targeted = _targeted_projections(layout)
     wrapper = module + ".base_layer" * (len(targeted) - 1 - targeted.index(proj))
     stem = f"{KEY_PREFIX}{layout.text_prefix}{wrapper}"
     a = handle.get_tensor(f"{stem}.lora_A.weight")

@@ -20,7 +20,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import LoraTrainerError, PeerExportError
 
 MARKER = ".lora_trainer.failed"
 PEER_WAIT_S = 10.0
@@ -48,7 +48,7 @@ def clear_marker(output_dir: Path) -> None:
 
 
 def _peer_gone(error: BaseException) -> bool:
-    return isinstance(error, dist.DistError) or any(text in str(error) for text in _PEER_GONE)
+    return isinstance(error, (dist.DistError, PeerExportError)) or any(text in str(error) for text in _PEER_GONE)
 
 
 def _claim(marker: Path, code: int) -> bool:
