@@ -33,7 +33,7 @@ from pathlib import Path
 
 import lora_trainer
 from lora_trainer.bridge.safetensors_io import CheckpointReader
-from lora_trainer.errors import ExportError
+from lora_trainer.errors import ExportError, PeerExportError
 from lora_trainer.export.hf_export import STAGING_DIR, export_hf
 from lora_trainer.export.manifest import MANIFEST_FILE
 from lora_trainer.export.merged import plan_deltas
@@ -120,7 +120,8 @@ def run_export_share(save_dir: Path, rank: int = 0, world_size: int = 1, parent_
     except Exception as error:
         marker = snapshot_dir(save_dir) / FAILED_MARKER.format(rank=rank)
         try:
-            marker.write_text(str(error) + "\n")
+            text = f"{_OTHER_FAILED}: {error}" if isinstance(error, PeerExportError) else str(error)
+            marker.write_text(text + "\n")
         except OSError as marker_error:
             logger.error("could not record the export failure in %s: %s", marker, marker_error)
         if isinstance(error, ExportError):
