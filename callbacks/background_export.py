@@ -23,6 +23,8 @@ from lora_trainer.export.background import ExportWorker, discard_snapshot, failu
 log = logging.getLogger(__name__)
 
 _WAIT_POLL_S = 0.2
+# How long a failed export's workers get to exit by themselves before they are killed.
+_SETTLE_S = 10.0
 
 
 class BackgroundExports:
@@ -100,6 +102,11 @@ class BackgroundExports:
         return [int(self.worker.running()), int(self.worker.failure() is not None)]
 
     def _fail(self, trainer: pl.Trainer) -> None:
+        """Every rank lets its worker finish recording why it stopped, so the root cause (not a
+        peer's "another worker failed") is what every rank reports."""
+        if self.worker is not None:
+            self.worker.settle(_SETTLE_S)
+        trainer.strategy.barrier("export:failed")
         save_dir = self.worker.save_dir if self.worker is not None else None
         own = self.worker.failure() if self.worker is not None else None
         self.stop()

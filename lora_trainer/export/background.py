@@ -229,6 +229,14 @@ class ExportWorker:
             return messages[0]
         return f"the export worker of rank {self.rank} exited with code {code}"
 
+    def settle(self, timeout_s: float) -> None:
+        """Give the worker up to `timeout_s` to exit by itself (a worker stopped by another's
+        failure exits at its next barrier; the failing one after recording its cause)."""
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+
     def stop(self) -> None:
         """Kill the worker (its snapshot stays; the export can be completed later)."""
         if self.running():

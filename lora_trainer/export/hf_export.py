@@ -222,7 +222,14 @@ def _stage(
             except Exception as error:  # noqa: BLE001 - re-raised after the barrier
                 failure = error
                 _mark_failed(staging, rank)
-        barrier()
+        try:
+            barrier()
+        except ExportError:
+            # A barrier that stops because a peer gave up after this rank's own failure must not
+            # hide that failure: it is the root cause the peers point to.
+            if failure is None:
+                raise
+            break
     if failure is None and _peer_failed(staging):
         failure = PeerExportError("another rank's export step failed: see its error")
     if failure is None and rank == 0 and write_merged:
