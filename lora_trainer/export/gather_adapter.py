@@ -10,14 +10,12 @@ only the first data-parallel replica keeps it.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from megatron.core import parallel_state
 
 from lora_trainer.bridge.gather import gather_shards, merge_from_all_ranks
 from lora_trainer.bridge.loader import group_rank_size
-from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter, HFExpertLoraWeights, HFLoraWeights, LocalFactors
+from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter, LocalFactors, hf_weights_from_factors
 from lora_trainer.lora.config import LoraConfig
 from lora_trainer.lora.experts import Adapter, ExpertLoraView, linear_adapters
 from lora_trainer.lora.layers import LoraLinear
@@ -82,23 +80,10 @@ def gather_hf_adapter(
     """The whole adapter in HF layout, on every rank. Collective: every rank must call it."""
     local = {key: (a.cpu(), b.cpu()) for key, (a, b) in local_hf_factors(adapters, spec).items()}
     factors = merge_from_all_ranks(local)
-    linears: dict[str, HFLoraWeights] = {}
-    experts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
-    for (module, expert), (a, b) in factors.items():
-        if expert is None:
-            linears[module] = HFLoraWeights(a=a, b=b)
-        else:
-            experts[module][expert] = (a, b)
-    stacked = {
-        module: HFExpertLoraWeights(
-            a=torch.stack([by_expert[e][0] for e in sorted(by_expert)]),
-            b=torch.stack([by_expert[e][1] for e in sorted(by_expert)]),
-        )
-        for module, by_expert in experts.items()
-    }
+    linears, experts = hf_weights_from_factors(factors)
     return HFAdapter(
-        linears=dict(sorted(linears.items())),
-        experts=dict(sorted(stacked.items())),
+        linears=linears,
+        experts=experts,
         r=config.r,
         alpha=config.alpha,
         use_rslora=config.rslora,
@@ -117,25 +102,13 @@ def distributed_hf_adapter(
     shapes = merge_from_all_ranks(
         {key: (tuple(a.shape), tuple(b.shape), bool(b.any())) for key, (a, b) in local.items()}
     )
-    linears: dict[str, HFLoraWeights] = {}
-    experts: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...]]]] = defaultdict(dict)
-    nonzero: set[str] = set()
-    for (module, expert), (a_shape, b_shape, b_nonzero) in shapes.items():
-        if b_nonzero:
-            nonzero.add(module)
-        if expert is None:
-            linears[module] = HFLoraWeights(_meta(a_shape), _meta(b_shape))
-        else:
-            experts[module][expert] = (a_shape, b_shape)
-    stacked = {
-        module: HFExpertLoraWeights(
-            _meta((len(by_expert), *by_expert[0][0])), _meta((len(by_expert), *by_expert[0][1]))
-        )
-        for module, by_expert in experts.items()
-    }
+    nonzero = {module for (module, _), (_, _, b_nonzero) in shapes.items() if b_nonzero}
+    linears, experts = hf_weights_from_factors(
+        {key: (_meta(a_shape), _meta(b_shape)) for key, (a_shape, b_shape, _) in shapes.items()}
+    )
     layout = HFAdapter(
-        linears=dict(sorted(linears.items())),
-        experts=dict(sorted(stacked.items())),
+        linears=linears,
+        experts=experts,
         r=config.r,
         alpha=config.alpha,
         use_rslora=config.rslora,

@@ -133,3 +133,25 @@ def on_meta(adapter: HFAdapter) -> HFAdapter:
         text_prefix=adapter.text_prefix,
         base_model_name_or_path=adapter.base_model_name_or_path,
     )
+
+
+def hf_weights_from_factors(
+    factors: LocalFactors,
+) -> tuple[dict[str, HFLoraWeights], dict[str, HFExpertLoraWeights]]:
+    """Factors keyed by (HF module, expert or None) in the layout of an HFAdapter: linears by
+    module, each module's experts stacked in expert order, both sorted by name."""
+    linears: dict[str, HFLoraWeights] = {}
+    experts: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
+    for (module, expert), (a, b) in factors.items():
+        if expert is None:
+            linears[module] = HFLoraWeights(a=a, b=b)
+        else:
+            experts.setdefault(module, {})[expert] = (a, b)
+    stacked = {
+        module: HFExpertLoraWeights(
+            a=torch.stack([by_expert[e][0] for e in sorted(by_expert)]),
+            b=torch.stack([by_expert[e][1] for e in sorted(by_expert)]),
+        )
+        for module, by_expert in sorted(experts.items())
+    }
+    return dict(sorted(linears.items())), stacked

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from lora_trainer.errors import ExportError
 from lora_trainer.export.atomic import atomic_write_json, export_error
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
+from lora_trainer.export.hf_lora import HFAdapter, hf_weights_from_factors
 
 SNAPSHOT_DIR = "export_snapshot"
 JOB_FILE = "job.json"
@@ -170,24 +170,11 @@ class SnapshotReader:
     def _adapter(self, factors: Factors) -> HFAdapter:
         """Factors in the layout `gather_hf_adapter` builds: linears by module, experts stacked in
         expert order, both sorted by name."""
-        linears: dict[str, HFLoraWeights] = {}
-        experts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
-        for (module, expert), (a, b) in factors.items():
-            if expert is None:
-                linears[module] = HFLoraWeights(a=a, b=b)
-            else:
-                experts[module][expert] = (a, b)
-        stacked = {
-            module: HFExpertLoraWeights(
-                a=torch.stack([by_expert[e][0] for e in sorted(by_expert)]),
-                b=torch.stack([by_expert[e][1] for e in sorted(by_expert)]),
-            )
-            for module, by_expert in experts.items()
-        }
+        linears, experts = hf_weights_from_factors(factors)
         job = self.job
         return HFAdapter(
-            linears=dict(sorted(linears.items())),
-            experts=dict(sorted(stacked.items())),
+            linears=linears,
+            experts=experts,
             r=job.r,
             alpha=job.alpha,
             use_rslora=job.use_rslora,
