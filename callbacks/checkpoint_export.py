@@ -143,7 +143,8 @@ class CheckpointExportCallback(pl.Callback):
                 staging, step=step, base_dir=str(module.hf_path), snapshot_ranks=trainer.world_size,
                 write_adapter=export.adapter, write_merged=export.merged, profile=export.profile,
                 check_input_ids=self.check_input_ids.tolist() if export.check else None,
-                r=lora.r, alpha=lora.alpha, use_rslora=lora.rslora, text_prefix=module.loaded.spec.text_prefix,
+                check_memory_gb=export.check_memory_gb, r=lora.r, alpha=lora.alpha, use_rslora=lora.rslora,
+                text_prefix=module.loaded.spec.text_prefix,
             )
         strategy.barrier("save:snapshot")
         if trainer.is_global_zero:

@@ -158,6 +158,7 @@ def _export_share(save_dir: Path, rank: int, world_size: int, parent_pid: int | 
         write_merged=job.write_merged,
         profile=job.profile,  # type: ignore[arg-type]
         check_input_ids=job.check_tensor(),
+        check_memory_gb=job.check_memory_gb,
         rank=rank,
         world_size=world_size,
         barrier=barrier,

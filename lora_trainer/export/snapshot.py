@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from lora_trainer.errors import ExportError
 from lora_trainer.export.atomic import atomic_write_json, export_error
+from lora_trainer.export.check import CHECK_MEMORY_GB
 from lora_trainer.export.hf_lora import HFAdapter, hf_weights_from_factors
 
 SNAPSHOT_DIR = "export_snapshot"
@@ -56,6 +57,7 @@ class ExportJob:
     use_rslora: bool
     text_prefix: str
     saved_at: float
+    check_memory_gb: float = CHECK_MEMORY_GB
 
     def check_tensor(self) -> torch.Tensor | None:
         return None if self.check_input_ids is None else torch.tensor(self.check_input_ids, dtype=torch.long)
