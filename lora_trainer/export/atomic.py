@@ -223,7 +223,8 @@ def atomic_write_json(
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with `pid` exists on this host (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -250,7 +251,7 @@ def cleanup_stale_temporaries(parent: Path | str, name: str | None = None) -> li
         match = _STALE.match(entry.name)
         if match is None or (name is not None and match["name"] != name):
             continue
-        if _pid_alive(int(match["pid"])):
+        if pid_alive(int(match["pid"])):
             continue
         final = parent / match["name"]
         if match["kind"] == "old" and not (final.exists() or final.is_symlink()):

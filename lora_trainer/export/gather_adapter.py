@@ -79,17 +79,7 @@ def gather_hf_adapter(
 ) -> HFAdapter:
     """The whole adapter in HF layout, on every rank. Collective: every rank must call it."""
     local = {key: (a.cpu(), b.cpu()) for key, (a, b) in local_hf_factors(adapters, spec).items()}
-    factors = merge_from_all_ranks(local)
-    linears, experts = hf_weights_from_factors(factors)
-    return HFAdapter(
-        linears=linears,
-        experts=experts,
-        r=config.r,
-        alpha=config.alpha,
-        use_rslora=config.rslora,
-        text_prefix=spec.text_prefix,
-        base_model_name_or_path=base_model_name_or_path,
-    )
+    return _hf_adapter(merge_from_all_ranks(local), spec, config, base_model_name_or_path)
 
 
 def distributed_hf_adapter(
@@ -103,10 +93,14 @@ def distributed_hf_adapter(
         {key: (tuple(a.shape), tuple(b.shape), bool(b.any())) for key, (a, b) in local.items()}
     )
     nonzero = {module for (module, _), (_, _, b_nonzero) in shapes.items() if b_nonzero}
-    linears, experts = hf_weights_from_factors(
-        {key: (_meta(a_shape), _meta(b_shape)) for key, (a_shape, b_shape, _) in shapes.items()}
-    )
-    layout = HFAdapter(
+    meta = {key: (_meta(a_shape), _meta(b_shape)) for key, (a_shape, b_shape, _) in shapes.items()}
+    layout = _hf_adapter(meta, spec, config, base_model_name_or_path)
+    return DistributedAdapter(layout, local, len(nonzero))
+
+
+def _hf_adapter(factors: LocalFactors, spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str) -> HFAdapter:
+    linears, experts = hf_weights_from_factors(factors)
+    return HFAdapter(
         linears=linears,
         experts=experts,
         r=config.r,
@@ -115,7 +109,6 @@ def distributed_hf_adapter(
         text_prefix=spec.text_prefix,
         base_model_name_or_path=base_model_name_or_path,
     )
-    return DistributedAdapter(layout, local, len(nonzero))
 
 
 def _meta(shape: tuple[int, ...]) -> torch.Tensor:

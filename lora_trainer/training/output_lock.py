@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.export.atomic import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,6 @@ def _process_start(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -63,7 +54,7 @@ class OutputDirLock:
         if holder.get("host") != self.me["host"]:
             return False
         pid = holder.get("pid")
-        if not isinstance(pid, int) or not _running(pid):
+        if not isinstance(pid, int) or not pid_alive(pid):
             return True
         start = _process_start(pid)
         return start is not None and holder.get("pid_start") not in (None, start)
