@@ -29,7 +29,6 @@ from lora_trainer.errors import (
 )
 from lora_trainer.lora import config as lora_config
 from lora_trainer.lora.config import LoraConfigError
-from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35 import tiny
 from lora_trainer.qwen35.tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
 from lora_trainer.training import choices
