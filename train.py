@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
             train(config, resolved)
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as error:  # noqa: BLE001 - every failure ends in one line
+    except BaseException as error:
         if launched_in is None:
             exit_before_launch(error)
         exit_after_launch(error, launched_in)

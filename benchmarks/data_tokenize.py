@@ -23,9 +23,10 @@ linearly) and peak anonymous RSS (goal ~1). Deletes everything it wrote.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import resource
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -74,10 +75,8 @@ def _anon_mib(pid: int) -> float:
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
+        with contextlib.suppress(OSError):
             found += [int(child) for child in task.read_text().split()]
-        except OSError:
-            pass
     return found + [grandchild for child in found for grandchild in _children(child)]
 
 
@@ -169,8 +168,22 @@ def main() -> None:
                 [sys.executable, __file__, "--generate", str(data), str(rows)], check=True
             )
             cache = root / f"cache-{rows}"
-            first = run("--measure", str(data), str(tokenizer_dir), str(cache), "--num-proc", str(args.num_proc))
-            again = run("--measure", str(data), str(tokenizer_dir), str(cache), "--num-proc", str(args.num_proc))
+            first = run(
+                "--measure",
+                str(data),
+                str(tokenizer_dir),
+                str(cache),
+                "--num-proc",
+                str(args.num_proc),
+            )
+            again = run(
+                "--measure",
+                str(data),
+                str(tokenizer_dir),
+                str(cache),
+                "--num-proc",
+                str(args.num_proc),
+            )
             results[rows] = first
             print(
                 f"{rows:>9,} rows: {first['rows_per_s']:6.0f} rows/s ({first['seconds']:.0f} s, "
@@ -181,6 +194,7 @@ def main() -> None:
             )
             data.unlink()
     small, large = results[min(results)], results[max(results)]
+
     def ratio(key: str) -> float:
         return large[key] / max(small[key], 1.0)
 

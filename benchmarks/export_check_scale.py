@@ -31,25 +31,50 @@ from safetensors.torch import save_file
 
 from lora_trainer.bridge.safetensors_io import INDEX_FILE, shard_file_names
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
-from lora_trainer.export.manifest import MANIFEST_FILE
 from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
+from lora_trainer.export.manifest import MANIFEST_FILE
 
 RANK, ALPHA = 16, 32.0
 SHARD_BYTES = 2 * 10**9
-TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
-           "out_proj", "gate_proj", "up_proj", "down_proj"}
+TARGETS = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "in_proj_qkv",
+    "in_proj_z",
+    "in_proj_b",
+    "in_proj_a",
+    "out_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+}
 
 
 def config(layers: int, experts: int) -> dict[str, object]:
     return {
-        "model_type": "qwen3_5_moe_text", "architectures": ["Qwen3_5MoeForCausalLM"], "dtype": "bfloat16",
-        "vocab_size": 248320, "hidden_size": 2048, "num_hidden_layers": layers,
+        "model_type": "qwen3_5_moe_text",
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "dtype": "bfloat16",
+        "vocab_size": 248320,
+        "hidden_size": 2048,
+        "num_hidden_layers": layers,
         "layer_types": [("full_attention" if i % 2 else "linear_attention") for i in range(layers)],
-        "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
-        "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
-        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": experts,
-        "num_experts_per_tok": 8, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
-        "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "head_dim": 256,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": experts,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 512,
+        "shared_expert_intermediate_size": 512,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
     }
 
 
@@ -84,7 +109,9 @@ def write_base(directory: Path, cfg: dict[str, object]) -> None:
         weight_map.update(dict.fromkeys(names, file_name))
         del tensors
     total = sum(2 * math.prod(shape) for shape in shapes.values())
-    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (directory / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
@@ -100,7 +127,11 @@ def random_adapter(shapes: dict[str, tuple[int, ...]]) -> HFAdapter:
                 torch.randn(count, RANK, fan_in, generator=generator) / fan_in**0.5,
                 0.01 * torch.randn(count, fan_out, RANK, generator=generator),
             )
-        elif path.startswith("layers.") and path.endswith(".weight") and path.split(".")[-2] in TARGETS:
+        elif (
+            path.startswith("layers.")
+            and path.endswith(".weight")
+            and path.split(".")[-2] in TARGETS
+        ):
             fan_out, fan_in = shape
             linears[path.removesuffix(".weight")] = HFLoraWeights(
                 torch.randn(RANK, fan_in, generator=generator) / fan_in**0.5,
@@ -128,11 +159,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--work", type=Path, default=None, help="kept work directory, reused when it has the files")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="kept work directory, reused when it has the files"
+    )
     parser.add_argument("--skip-check", action="store_true", help="only generate and export")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        root = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="export_check_scale-")))
+        root = args.work or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="export_check_scale-"))
+        )
         base = root / "base"
         cfg = config(args.layers, args.experts)
         if not (base / "config.json").is_file():
@@ -147,8 +182,10 @@ def main() -> None:
             baseline = reset_peak()
             started = time.perf_counter()
             export_hf(adapter, base, root / "save", step=1, progress=False)
-            print(f"export (adapter + merged): {time.perf_counter() - started:.1f} s, peak RSS "
-                  f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB before it")
+            print(
+                f"export (adapter + merged): {time.perf_counter() - started:.1f} s, peak RSS "
+                f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB before it"
+            )
             del adapter
         if args.skip_check:
             return
@@ -157,17 +194,25 @@ def main() -> None:
         ids = torch.randint(0, 248320, (2, 16), generator=torch.Generator().manual_seed(0))
 
         full = model_bytes(base, torch.float32)
-        print(f"whole model in float32: {full / 2**30:.1f} GiB vs export.check_memory_gb={CHECK_MEMORY_GB}: "
-              f"{'full' if full <= CHECK_MEMORY_GB * 2**30 else 'layer'} mode")
+        print(
+            f"whole model in float32: {full / 2**30:.1f} GiB vs export.check_memory_gb={CHECK_MEMORY_GB}: "
+            f"{'full' if full <= CHECK_MEMORY_GB * 2**30 else 'layer'} mode"
+        )
         baseline = reset_peak()
         started = time.perf_counter()
-        result = check_export(base, root / "save" / ADAPTER_DIR, root / "save" / MERGED_DIR, ids, mode="layer")
-        print(f"check (layer mode): {time.perf_counter() - started:.1f} s, peak RSS "
-              f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB before it")
+        result = check_export(
+            base, root / "save" / ADAPTER_DIR, root / "save" / MERGED_DIR, ids, mode="layer"
+        )
+        print(
+            f"check (layer mode): {time.perf_counter() - started:.1f} s, peak RSS "
+            f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB before it"
+        )
         print(result.message)
         for kind, figures in result.kinds.items():
-            print(f"  {kind:15s} max |adapter - merged| {figures.max_abs_diff:.3g}, rounding {figures.rounding_diff:.3g}, "
-                  f"tolerance {figures.tolerance:.3g}, scale {figures.scale:.3g}")
+            print(
+                f"  {kind:15s} max |adapter - merged| {figures.max_abs_diff:.3g}, rounding {figures.rounding_diff:.3g}, "
+                f"tolerance {figures.tolerance:.3g}, scale {figures.scale:.3g}"
+            )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,15 @@ from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWe
 WORLD = 2
 
 
-def local_factors(adapter: HFAdapter, rank: int) -> dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]]:
+def local_factors(
+    adapter: HFAdapter, rank: int
+) -> dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]]:
     """Rank `rank`'s factors under EP=2: half of every expert module, the linears on rank 0."""
     local: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
     if rank == 0:
-        local.update({(module, None): (w.a.clone(), w.b.clone()) for module, w in adapter.linears.items()})
+        local.update(
+            {(module, None): (w.a.clone(), w.b.clone()) for module, w in adapter.linears.items()}
+        )
     for key, weights in adapter.experts.items():
         per_rank = weights.a.shape[0] // WORLD
         for expert in range(rank * per_rank, (rank + 1) * per_rank):
@@ -59,11 +63,20 @@ def whole(factors: dict, template: HFAdapter) -> HFAdapter:
         else:
             experts[module][expert] = (a, b)
     stacked = {
-        module: HFExpertLoraWeights(torch.stack([e[i][0] for i in sorted(e)]), torch.stack([e[i][1] for i in sorted(e)]))
+        module: HFExpertLoraWeights(
+            torch.stack([e[i][0] for i in sorted(e)]), torch.stack([e[i][1] for i in sorted(e)])
+        )
         for module, e in experts.items()
     }
-    return HFAdapter(linears, stacked, template.r, template.alpha, template.use_rslora, template.text_prefix,
-                     template.base_model_name_or_path)
+    return HFAdapter(
+        linears,
+        stacked,
+        template.r,
+        template.alpha,
+        template.use_rslora,
+        template.text_prefix,
+        template.base_model_name_or_path,
+    )
 
 
 def worker(rank: int, work: Path, out: Path, mode: str, port: int, results: dict) -> None:
@@ -76,14 +89,32 @@ def worker(rank: int, work: Path, out: Path, mode: str, port: int, results: dict
     if mode == "parts":
         from lora_trainer.export.hf_lora import DistributedAdapter, on_meta
 
-        parts = DistributedAdapter(on_meta(template), local, len(template.linears) + len(template.experts))
-    template = HFAdapter({}, {}, template.r, template.alpha, template.use_rslora, template.text_prefix,
-                         template.base_model_name_or_path)
+        parts = DistributedAdapter(
+            on_meta(template), local, len(template.linears) + len(template.experts)
+        )
+    template = HFAdapter(
+        {},
+        {},
+        template.r,
+        template.alpha,
+        template.use_rslora,
+        template.text_prefix,
+        template.base_model_name_or_path,
+    )
     dist.barrier()
     baseline = reset_peak()
     started = time.perf_counter()
     adapter = whole(merge_from_all_ranks(local), template) if mode == "gather" else parts
-    export_hf(adapter, work / "base", out, step=1, rank=rank, world_size=WORLD, barrier=dist.barrier, progress=False)
+    export_hf(
+        adapter,
+        work / "base",
+        out,
+        step=1,
+        rank=rank,
+        world_size=WORLD,
+        barrier=dist.barrier,
+        progress=False,
+    )
     seconds = time.perf_counter() - started
     results[rank] = (rss()[1] - baseline, baseline, seconds)
     dist.barrier()
@@ -95,18 +126,25 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--mode", choices=("parts", "gather"), default="parts")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="export_memory-", dir=args.work) as tmp, mp.Manager() as manager:
+    with (
+        tempfile.TemporaryDirectory(prefix="export_memory-", dir=args.work) as tmp,
+        mp.Manager() as manager,
+    ):
         results = manager.dict()
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        mp.spawn(worker, args=(args.work, Path(tmp) / "save", args.mode, port, results), nprocs=WORLD)
+        mp.spawn(
+            worker, args=(args.work, Path(tmp) / "save", args.mode, port, results), nprocs=WORLD
+        )
         for rank in sorted(results.keys()):
             peak, baseline, seconds = results[rank]
-            print(f"{args.mode}: rank {rank} peak RSS {peak / 2**20:.0f} MiB above {baseline / 2**20:.0f} MiB, "
-                  f"export {seconds:.1f} s")
+            print(
+                f"{args.mode}: rank {rank} peak RSS {peak / 2**20:.0f} MiB above {baseline / 2**20:.0f} MiB, "
+                f"export {seconds:.1f} s"
+            )
         shutil.rmtree(Path(tmp) / "save", ignore_errors=True)
 
 

@@ -70,27 +70,31 @@ def layer_shapes(layer: int) -> dict[str, tuple[int, ...]]:
         p + "mlp.shared_expert_gate.weight": (1, HIDDEN),
     }
     if layer % 4 == 3:
-        shapes.update({
-            p + "self_attn.q_proj.weight": (2 * HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
-            p + "self_attn.q_norm.weight": (HEAD_DIM,),
-            p + "self_attn.k_norm.weight": (HEAD_DIM,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (2 * HEADS * HEAD_DIM, HIDDEN),
+                p + "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+                p + "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+                p + "self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
+                p + "self_attn.q_norm.weight": (HEAD_DIM,),
+                p + "self_attn.k_norm.weight": (HEAD_DIM,),
+            }
+        )
     else:
         qkv = 2 * K_HEADS * K_DIM + V_HEADS * V_DIM
-        shapes.update({
-            p + "linear_attn.in_proj_qkv.weight": (qkv, HIDDEN),
-            p + "linear_attn.in_proj_z.weight": (V_HEADS * V_DIM, HIDDEN),
-            p + "linear_attn.in_proj_b.weight": (V_HEADS, HIDDEN),
-            p + "linear_attn.in_proj_a.weight": (V_HEADS, HIDDEN),
-            p + "linear_attn.conv1d.weight": (qkv, 1, CONV),
-            p + "linear_attn.A_log": (V_HEADS,),
-            p + "linear_attn.dt_bias": (V_HEADS,),
-            p + "linear_attn.norm.weight": (V_DIM,),
-            p + "linear_attn.out_proj.weight": (HIDDEN, V_HEADS * V_DIM),
-        })
+        shapes.update(
+            {
+                p + "linear_attn.in_proj_qkv.weight": (qkv, HIDDEN),
+                p + "linear_attn.in_proj_z.weight": (V_HEADS * V_DIM, HIDDEN),
+                p + "linear_attn.in_proj_b.weight": (V_HEADS, HIDDEN),
+                p + "linear_attn.in_proj_a.weight": (V_HEADS, HIDDEN),
+                p + "linear_attn.conv1d.weight": (qkv, 1, CONV),
+                p + "linear_attn.A_log": (V_HEADS,),
+                p + "linear_attn.dt_bias": (V_HEADS,),
+                p + "linear_attn.norm.weight": (V_DIM,),
+                p + "linear_attn.out_proj.weight": (HIDDEN, V_HEADS * V_DIM),
+            }
+        )
     return shapes
 
 
@@ -123,7 +127,10 @@ def write_base(directory: Path, shapes: dict[str, tuple[int, ...]], shard_bytes:
     weight_map: dict[str, str] = {}
     generator = torch.Generator().manual_seed(0)
     for file_name, names in zip(shard_file_names(len(groups)), groups, strict=True):
-        tensors = {name: (0.02 * torch.randn(shapes[name], generator=generator)).bfloat16() for name in names}
+        tensors = {
+            name: (0.02 * torch.randn(shapes[name], generator=generator)).bfloat16()
+            for name in names
+        }
         save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file_name))
     total = sum(2 * math.prod(shape) for shape in shapes.values())
@@ -131,9 +138,15 @@ def write_base(directory: Path, shapes: dict[str, tuple[int, ...]], shard_bytes:
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     layers = 1 + max(int(name.split(".")[2]) for name in shapes if ".layers." in name)
     config = {
-        "model_type": "qwen3_5_moe_text", "architectures": ["Qwen3_5MoeForCausalLM"], "dtype": "bfloat16",
-        "hidden_size": HIDDEN, "vocab_size": VOCAB, "num_hidden_layers": layers, "num_experts": EXPERTS,
-        "moe_intermediate_size": MOE_INTER, "shared_expert_intermediate_size": SHARED_INTER,
+        "model_type": "qwen3_5_moe_text",
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "dtype": "bfloat16",
+        "hidden_size": HIDDEN,
+        "vocab_size": VOCAB,
+        "num_hidden_layers": layers,
+        "num_experts": EXPERTS,
+        "moe_intermediate_size": MOE_INTER,
+        "shared_expert_intermediate_size": SHARED_INTER,
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return layers
@@ -142,7 +155,13 @@ def write_base(directory: Path, shapes: dict[str, tuple[int, ...]], shard_bytes:
 def random_adapter(shapes: dict[str, tuple[int, ...]]) -> HFAdapter:
     """Rank-16 factors (non-zero B) on every linear LoRA target and both packed expert projections."""
     generator = torch.Generator().manual_seed(1)
-    targets = ("_proj.weight", "in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight")
+    targets = (
+        "_proj.weight",
+        "in_proj_qkv.weight",
+        "in_proj_z.weight",
+        "in_proj_b.weight",
+        "in_proj_a.weight",
+    )
     linears: dict[str, HFLoraWeights] = {}
     experts: dict[str, HFExpertLoraWeights] = {}
     for name, shape in shapes.items():
@@ -207,7 +226,10 @@ def run_merge_subprocess(adapter_file: Path, base_dir: Path, out_dir: Path) -> d
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, __file__, "--child", str(adapter_file), str(base_dir), str(out_dir)],
-        check=True, capture_output=True, text=True, env=dict(os.environ, TORCHDYNAMO_DISABLE="1"),
+        check=True,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TORCHDYNAMO_DISABLE="1"),
     )
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     figures["wall"] = time.perf_counter() - started
@@ -216,10 +238,16 @@ def run_merge_subprocess(adapter_file: Path, base_dir: Path, out_dir: Path) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=1.0, help="smallest checkpoint size, GB (1e9 bytes)")
-    parser.add_argument("--shard-mb", type=float, default=300.0, help="largest shard size, MB (1e6 bytes)")
+    parser.add_argument(
+        "--size-gb", type=float, default=1.0, help="smallest checkpoint size, GB (1e9 bytes)"
+    )
+    parser.add_argument(
+        "--shard-mb", type=float, default=300.0, help="largest shard size, MB (1e6 bytes)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="alternating copy / merged runs")
-    parser.add_argument("--child", nargs=3, metavar=("ADAPTER", "BASE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=3, metavar=("ADAPTER", "BASE", "OUT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         child_merge(*(Path(arg) for arg in args.child))
@@ -234,13 +262,17 @@ def main() -> None:
         layers = write_base(base_dir, shapes, int(args.shard_mb * 1e6))
         shards = sorted(base_dir.glob("*.safetensors"))
         base_size, largest = directory_bytes(base_dir), max(p.stat().st_size for p in shards)
-        print(f"base: {base_size / 2**30:.2f} GiB bf16, {layers} layers, E={EXPERTS}, H={HIDDEN}, "
-              f"{len(shards)} shards (largest {largest / 2**20:.0f} MiB), "
-              f"generated in {time.perf_counter() - started:.1f} s")
+        print(
+            f"base: {base_size / 2**30:.2f} GiB bf16, {layers} layers, E={EXPERTS}, H={HIDDEN}, "
+            f"{len(shards)} shards (largest {largest / 2**20:.0f} MiB), "
+            f"generated in {time.perf_counter() - started:.1f} s"
+        )
         adapter = random_adapter(shapes)
         adapter_file = root / "adapter.pt"
         torch.save(adapter, adapter_file)
-        print(f"adapter: r={RANK}, {len(adapter.linears)} linear modules, {len(adapter.experts)} packed expert projections")
+        print(
+            f"adapter: r={RANK}, {len(adapter.linears)} linear modules, {len(adapter.experts)} packed expert projections"
+        )
 
         copies: list[float] = []
         merges: list[dict[str, float]] = []
@@ -259,19 +291,32 @@ def main() -> None:
         baseline = max(figures["baseline_rss"] for figures in merges)
         budget = largest + RSS_HEADROOM
         gib = base_size / 2**30
-        for label, times in (("copy (shutil.copy of every file)", copies), ("merged export", merge_times)):
-            print(f"{label:34s} best {min(times):6.2f} s ({gib / min(times):.2f} GiB/s), "
-                  f"median {statistics.median(times):6.2f} s over {len(times)} rounds")
-        print(f"merged subprocess wall incl. imports and adapter load: "
-              f"{statistics.median(figures['wall'] for figures in merges):.2f} s (median)")
-        print(f"adapter export (write_peft_adapter): {adapter_s:.2f} s "
-              f"({directory_bytes(root / 'adapter') / 2**20:.1f} MiB)")
+        for label, times in (
+            ("copy (shutil.copy of every file)", copies),
+            ("merged export", merge_times),
+        ):
+            print(
+                f"{label:34s} best {min(times):6.2f} s ({gib / min(times):.2f} GiB/s), "
+                f"median {statistics.median(times):6.2f} s over {len(times)} rounds"
+            )
+        print(
+            f"merged subprocess wall incl. imports and adapter load: "
+            f"{statistics.median(figures['wall'] for figures in merges):.2f} s (median)"
+        )
+        print(
+            f"adapter export (write_peft_adapter): {adapter_s:.2f} s "
+            f"({directory_bytes(root / 'adapter') / 2**20:.1f} MiB)"
+        )
         print(f"manifest sha256 of hf_merged:        {hash_s:.2f} s")
-        print(f"merged / copy: best {min(merge_times) / min(copies):.2f}x, "
-              f"median {statistics.median(merge_times) / statistics.median(copies):.2f}x (goal <= 3x)")
-        print(f"peak RSS of the merged export: {peak / 2**20:.0f} MiB ({baseline / 2**20:.0f} MiB after "
-              f"imports and adapter load); largest shard + 512 MiB = {budget / 2**20:.0f} MiB; "
-              f"ratio {peak / budget:.2f} (goal <= 1)")
+        print(
+            f"merged / copy: best {min(merge_times) / min(copies):.2f}x, "
+            f"median {statistics.median(merge_times) / statistics.median(copies):.2f}x (goal <= 3x)"
+        )
+        print(
+            f"peak RSS of the merged export: {peak / 2**20:.0f} MiB ({baseline / 2**20:.0f} MiB after "
+            f"imports and adapter load); largest shard + 512 MiB = {budget / 2**20:.0f} MiB; "
+            f"ratio {peak / budget:.2f} (goal <= 1)"
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -31,27 +32,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-STACK_CONFIG: dict[str, object] = dict(
-    model_type="qwen3_5_moe_text",
-    vocab_size=4096,
-    hidden_size=2048,
-    num_hidden_layers=4,
-    layer_types=["linear_attention"] * 3 + ["full_attention"],
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    head_dim=256,
-    linear_num_key_heads=16,
-    linear_num_value_heads=32,
-    linear_key_head_dim=128,
-    linear_value_head_dim=128,
-    linear_conv_kernel_dim=4,
-    num_experts=256,
-    num_experts_per_tok=8,
-    moe_intermediate_size=512,
-    shared_expert_intermediate_size=512,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+STACK_CONFIG: dict[str, object] = {
+    "model_type": "qwen3_5_moe_text",
+    "vocab_size": 4096,
+    "hidden_size": 2048,
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 256,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
 KERNEL_TOLERANCE = 5e-2
 PACKED_LENGTHS = (700, 1300, 96, 1, 1999)
 
@@ -89,7 +90,12 @@ def relative(a: Any, b: Any) -> float:
 
 
 def compare_kernel(
-    results: Results, name: str, backend: str, run: Callable[..., Any], reference: Callable[..., Any], inputs: list[Any]
+    results: Results,
+    name: str,
+    backend: str,
+    run: Callable[..., Any],
+    reference: Callable[..., Any],
+    inputs: list[Any],
 ) -> None:
     """Forward + backward of `run` on bf16 copies of `inputs` against `reference` on fp32 copies."""
     import torch
@@ -123,8 +129,8 @@ def check_kernels(results: Results, args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from lora_trainer.kernels import causal_attention, causal_conv1d, chunk_gated_delta_rule
     from lora_trainer.kernels import attention as attention_module
+    from lora_trainer.kernels import causal_attention, causal_conv1d, chunk_gated_delta_rule
     from lora_trainer.kernels import gated_delta_rule as gdr
 
     conv_module = importlib.import_module("lora_trainer.kernels.causal_conv1d")
@@ -143,7 +149,9 @@ def check_kernels(results: Results, args: argparse.Namespace) -> None:
     beta = torch.rand(1, tokens, 8, device=device, generator=generator)
     backend = "FLA" if gdr._fla_available() else "torch (fla not installed)"
     compare_kernel(
-        results, "gated delta rule, packed", backend,
+        results,
+        "gated delta rule, packed",
+        backend,
         lambda *x: chunk_gated_delta_rule(*x, cu_seqlens=cu_seqlens)[0],
         lambda *x: gdr._torch_chunk_gated_delta_rule(*x, None, False, cu_seqlens, True)[0],
         [q, k, v, g, beta],
@@ -151,21 +159,33 @@ def check_kernels(results: Results, args: argparse.Namespace) -> None:
     for channels, packed in ((4096, True), (100, False)):
         x = randn(1, tokens, channels).transpose(1, 2)
         weight = randn(channels, 4) * 0.5
-        fits = conv_module._use_cuda_kernel(x) and conv_module._kernel_fits(x, weight, cu_seqlens if packed else None)
+        fits = conv_module._use_cuda_kernel(x) and conv_module._kernel_fits(
+            x, weight, cu_seqlens if packed else None
+        )
         installed = conv_module._causal_conv1d_available()
-        backend = "causal-conv1d" if fits else "torch conv" + ("" if installed else " (causal-conv1d not installed)")
+        backend = (
+            "causal-conv1d"
+            if fits
+            else "torch conv" + ("" if installed else " (causal-conv1d not installed)")
+        )
         packing = cu_seqlens if packed else None
         compare_kernel(
-            results, f"causal conv1d, {channels} channels, {'packed' if packed else 'rows'}", backend,
+            results,
+            f"causal conv1d, {channels} channels, {'packed' if packed else 'rows'}",
+            backend,
             lambda x, w: causal_conv1d(x, w, cu_seqlens=packing),
             lambda x, w: conv_module._torch_causal_conv1d(x, w, "silu", packing),
             [x, weight],
         )
     q, k, v = randn(1, tokens, 16, 256), randn(1, tokens, 2, 256), randn(1, tokens, 2, 256)
-    backend = "flash-attn varlen" if attention_module._flash_attn_available() else "SDPA per segment"
+    backend = (
+        "flash-attn varlen" if attention_module._flash_attn_available() else "SDPA per segment"
+    )
     scale = 256**-0.5
     compare_kernel(
-        results, "causal attention, packed", backend,
+        results,
+        "causal attention, packed",
+        backend,
         lambda *x: causal_attention(*x, scale=scale, cu_seqlens=cu_seqlens),
         lambda *x: explicit_attention(*x, scale=scale, cu_seqlens=cu_seqlens),
         [q, k, v],
@@ -179,12 +199,14 @@ def explicit_attention(q: Any, k: Any, v: Any, *, scale: float, cu_seqlens: Any)
     group = q.shape[2] // k.shape[2]
     bounds = cu_seqlens.tolist()
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         qs, ks, vs = q[0, start:end], k[0, start:end], v[0, start:end]
         ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
         causal = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).tril()
-        outs.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, float("-inf")).softmax(-1), vs))
+        outs.append(
+            torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, float("-inf")).softmax(-1), vs)
+        )
     return torch.cat(outs).unsqueeze(0)
 
 
@@ -195,15 +217,28 @@ def build_default_init_model(kind: str, seed: int = 0) -> Any:
     import torch
     import transformers
 
-    from tests.checkpoints import DENSE_SIZES, KIND_DENSE, KIND_MOE, MOE_SIZES, TEXT_SIZES, VISION_SIZES
+    from tests.checkpoints import (
+        DENSE_SIZES,
+        KIND_DENSE,
+        KIND_MOE,
+        MOE_SIZES,
+        TEXT_SIZES,
+        VISION_SIZES,
+    )
 
     torch.manual_seed(seed)
     if kind == KIND_DENSE:
-        return transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**TEXT_SIZES, **DENSE_SIZES))
+        return transformers.Qwen3_5ForCausalLM(
+            transformers.Qwen3_5TextConfig(**TEXT_SIZES, **DENSE_SIZES)
+        )
     if kind == KIND_MOE:
-        return transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(**TEXT_SIZES, **MOE_SIZES))
+        return transformers.Qwen3_5MoeForCausalLM(
+            transformers.Qwen3_5MoeTextConfig(**TEXT_SIZES, **MOE_SIZES)
+        )
     config = transformers.Qwen3_5MoeConfig(
-        text_config=dict(TEXT_SIZES, **MOE_SIZES), vision_config=VISION_SIZES, tie_word_embeddings=False
+        text_config=dict(TEXT_SIZES, **MOE_SIZES),
+        vision_config=VISION_SIZES,
+        tie_word_embeddings=False,
     )
     return transformers.Qwen3_5MoeForConditionalGeneration(config)
 
@@ -221,7 +256,9 @@ def check_logits(results: Results, args: argparse.Namespace) -> None:
     device = require_cuda()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    input_ids = torch.randint(0, 256, (1, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    input_ids = torch.randint(0, 256, (1, args.seq), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     lengths = torch.tensor(PACKED_LENGTHS)
     lengths[-1] += args.seq - int(lengths.sum())
     bounds = F.pad(lengths.cumsum(0), (1, 0)).tolist()
@@ -230,24 +267,33 @@ def check_logits(results: Results, args: argparse.Namespace) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
             for kind in KINDS:
-                extra = dict(packed_experts=True, with_mtp=True) if kind == "moe_vl" else {}
+                extra = {"packed_experts": True, "with_mtp": True} if kind == "moe_vl" else {}
                 model = build_default_init_model(kind)
                 path = save_checkpoint(model, Path(workdir) / kind, dtype=torch.bfloat16, **extra)
                 reference = load_hf_model(path).to(device)
                 with torch.no_grad():
                     with torch_kernels_only():
                         fp32 = reference(input_ids=input_ids).logits
-                        pieces = [input_ids[:, s:e] for s, e in zip(bounds[:-1], bounds[1:])]
-                        fp32_alone = torch.cat([reference(input_ids=piece).logits for piece in pieces], dim=1)
+                        pieces = [input_ids[:, s:e] for s, e in itertools.pairwise(bounds)]
+                        fp32_alone = torch.cat(
+                            [reference(input_ids=piece).logits for piece in pieces], dim=1
+                        )
                     theirs = reference.to(torch.bfloat16)(input_ids=input_ids).logits
                     del reference
-                    ours_model = build_model_from_hf(path, ParallelConfig(), params_dtype=torch.bfloat16).model.eval()
+                    ours_model = build_model_from_hf(
+                        path, ParallelConfig(), params_dtype=torch.bfloat16
+                    ).model.eval()
                     ours = ours_model(input_ids)
-                    ours_packed = ours_model(input_ids, positions, torch.tensor(bounds, device=device))
+                    ours_packed = ours_model(
+                        input_ids, positions, torch.tensor(bounds, device=device)
+                    )
                     del ours_model
                 scale = fp32.abs().max().item()
                 floor = (theirs.float() - fp32).abs().max().item() / scale
-                for label, logits, expected in (("rows", ours, fp32), ("packed", ours_packed, fp32_alone)):
+                for label, logits, expected in (
+                    ("rows", ours, fp32),
+                    ("packed", ours_packed, fp32_alone),
+                ):
                     error = (logits.float() - expected).abs().max().item() / scale
                     ok = error <= max(args.tolerance, 2 * floor)
                     results.add(
@@ -296,13 +342,17 @@ def check_stack(results: Results, args: argparse.Namespace) -> None:
     initialize_parallel(ParallelConfig())
     try:
         spec = Qwen35Spec.from_config_dict(dict(STACK_CONFIG), source="STACK_CONFIG")
-        model = Qwen35Model(spec, build_transformer_config(spec, ParallelConfig(), torch.bfloat16)).to(device)
+        model = Qwen35Model(
+            spec, build_transformer_config(spec, ParallelConfig(), torch.bfloat16)
+        ).to(device)
         randomize_on_device_(model, seed=0)
         inject_lora(model, LoraConfig())
         model.train()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         generator = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(0, int(STACK_CONFIG["vocab_size"]), (1, args.seq), generator=generator).to(device)
+        input_ids = torch.randint(
+            0, int(STACK_CONFIG["vocab_size"]), (1, args.seq), generator=generator
+        ).to(device)
         lengths = torch.full((16,), args.seq // 16)
         lengths[-1] += args.seq - int(lengths.sum())
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(device)
@@ -340,7 +390,11 @@ def check_stack(results: Results, args: argparse.Namespace) -> None:
 
 def print_table(path: Path) -> None:
     """The result rows as one aligned table."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.exists()
+        else []
+    )
     if not rows:
         print(f"no results in {path}")
         return
@@ -354,9 +408,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["kernels", "logits", "stack", "table"])
     parser.add_argument("results", nargs="?", type=Path, help="results file (table)")
-    parser.add_argument("--results", dest="results_file", type=Path, help="results file to append to")
-    parser.add_argument("--tolerance", type=float, default=2e-2, help="max logit error / logit scale in bf16")
-    parser.add_argument("--seq", type=int, default=4096, help="tokens of the logits and stack checks")
+    parser.add_argument(
+        "--results", dest="results_file", type=Path, help="results file to append to"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=2e-2, help="max logit error / logit scale in bf16"
+    )
+    parser.add_argument(
+        "--seq", type=int, default=4096, help="tokens of the logits and stack checks"
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps of the stack")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of the stack first")
     args = parser.parse_args()

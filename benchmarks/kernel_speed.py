@@ -64,7 +64,9 @@ def transformers_reference(inputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def forward_backward_seconds(
-    fn: Callable[[list[torch.Tensor]], torch.Tensor], inputs: list[torch.Tensor], d_out: torch.Tensor
+    fn: Callable[[list[torch.Tensor]], torch.Tensor],
+    inputs: list[torch.Tensor],
+    d_out: torch.Tensor,
 ) -> float:
     for x in inputs:
         x.grad = None
@@ -95,8 +97,12 @@ def bench(case: Case, repeats: int, warmup: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=7, help="timed forward+backward runs per contender")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="timed forward+backward runs per contender"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per contender first")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()

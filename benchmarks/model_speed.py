@@ -47,25 +47,28 @@ from lora_trainer.parallel.state import destroy_parallel, initialize_parallel
 KIND_DENSE = "dense"
 KIND_MOE = "moe"
 LAYER_TYPES = ["linear_attention"] * 3 + ["full_attention"]
-TEXT_SIZES: dict[str, object] = dict(
-    vocab_size=8192,
-    hidden_size=512,
-    num_hidden_layers=8,
-    layer_types=LAYER_TYPES * 2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=64,
-    linear_num_key_heads=4,
-    linear_num_value_heads=8,
-    linear_key_head_dim=64,
-    linear_value_head_dim=64,
-    linear_conv_kernel_dim=4,
-    tie_word_embeddings=False,
-)
-DENSE_SIZES: dict[str, object] = dict(intermediate_size=1536)
-MOE_SIZES: dict[str, object] = dict(
-    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=384, shared_expert_intermediate_size=384
-)
+TEXT_SIZES: dict[str, object] = {
+    "vocab_size": 8192,
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "layer_types": LAYER_TYPES * 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "linear_num_key_heads": 4,
+    "linear_num_value_heads": 8,
+    "linear_key_head_dim": 64,
+    "linear_value_head_dim": 64,
+    "linear_conv_kernel_dim": 4,
+    "tie_word_embeddings": False,
+}
+DENSE_SIZES: dict[str, object] = {"intermediate_size": 1536}
+MOE_SIZES: dict[str, object] = {
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 384,
+    "shared_expert_intermediate_size": 384,
+}
 PROFILE_ROWS = 15
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -75,9 +78,13 @@ def build_hf_model(kind: str, seed: int = 0) -> nn.Module:
     """A transformers Qwen3.5 ForCausalLM of `kind` with its own random init, fp32."""
     torch.manual_seed(seed)
     if kind == KIND_DENSE:
-        return transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**TEXT_SIZES, **DENSE_SIZES))
+        return transformers.Qwen3_5ForCausalLM(
+            transformers.Qwen3_5TextConfig(**TEXT_SIZES, **DENSE_SIZES)
+        )
     if kind == KIND_MOE:
-        return transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(**TEXT_SIZES, **MOE_SIZES))
+        return transformers.Qwen3_5MoeForCausalLM(
+            transformers.Qwen3_5MoeTextConfig(**TEXT_SIZES, **MOE_SIZES)
+        )
     raise ValueError(f"unknown model kind {kind!r}; use {KIND_DENSE!r} or {KIND_MOE!r}")
 
 
@@ -128,7 +135,9 @@ def hf_implementations(model: nn.Module) -> str:
     return names
 
 
-def bench_model(kind: str, input_ids: torch.Tensor, args: argparse.Namespace, workdir: Path) -> None:
+def bench_model(
+    kind: str, input_ids: torch.Tensor, args: argparse.Namespace, workdir: Path
+) -> None:
     """Build both sides of `kind` from one checkpoint, check they agree, time and print them."""
     theirs = build_hf_model(kind)
     path = workdir / kind
@@ -165,12 +174,18 @@ def bench_model(kind: str, input_ids: torch.Tensor, args: argparse.Namespace, wo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads"
+    )
     parser.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=1, help="sequences per batch")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward steps per side")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed forward+backward steps per side"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
-    parser.add_argument("--kinds", nargs="+", default=[KIND_DENSE, KIND_MOE], choices=[KIND_DENSE, KIND_MOE])
+    parser.add_argument(
+        "--kinds", nargs="+", default=[KIND_DENSE, KIND_MOE], choices=[KIND_DENSE, KIND_MOE]
+    )
     parser.add_argument("--profile", action="store_true", help="print the top ops of each side")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
@@ -181,7 +196,10 @@ def main() -> None:
         f"median of {args.repeats} steps after {args.warmup} warm-up steps"
     )
     input_ids = torch.randint(
-        0, int(TEXT_SIZES["vocab_size"]), (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
+        0,
+        int(TEXT_SIZES["vocab_size"]),
+        (args.batch, args.seq),
+        generator=torch.Generator().manual_seed(0),
     )
     initialize_parallel(ParallelConfig())
     try:
@@ -191,9 +209,13 @@ def main() -> None:
     finally:
         destroy_parallel()
     gdn = Case(
-        "gated delta rule alone, the GDN layer's shape", args.batch, args.seq,
-        int(TEXT_SIZES["linear_num_key_heads"]), int(TEXT_SIZES["linear_num_value_heads"]),
-        int(TEXT_SIZES["linear_key_head_dim"]), int(TEXT_SIZES["linear_value_head_dim"]),
+        "gated delta rule alone, the GDN layer's shape",
+        args.batch,
+        args.seq,
+        int(TEXT_SIZES["linear_num_key_heads"]),
+        int(TEXT_SIZES["linear_num_value_heads"]),
+        int(TEXT_SIZES["linear_key_head_dim"]),
+        int(TEXT_SIZES["linear_value_head_dim"]),
     )
     bench_kernel(gdn, args.repeats, args.warmup)
 

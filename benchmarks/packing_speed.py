@@ -36,23 +36,32 @@ from lora_trainer.parallel.state import destroy_parallel, initialize_parallel
 from lora_trainer.qwen35.model import Qwen35Model
 
 
-def packed_batch(rows: int, seq: int, samples: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def packed_batch(
+    rows: int, seq: int, samples: int, vocab: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """`samples` samples of random lengths filling `rows` rows of `seq` tokens exactly."""
     generator = torch.Generator().manual_seed(seed)
     per_row = [samples // rows + (r < samples % rows) for r in range(rows)]
     built = []
     for count in per_row:
-        cuts = torch.randperm(seq - 1, generator=generator)[: count - 1].add(1).sort().values.tolist()
+        cuts = (
+            torch.randperm(seq - 1, generator=generator)[: count - 1].add(1).sort().values.tolist()
+        )
         lengths = [b - a for a, b in zip([0, *cuts], [*cuts, seq])]
         tokenized = [
-            TokenizedSample(input_ids=torch.randint(0, vocab, (n,), generator=generator).tolist(), loss_mask=[1] * n)
+            TokenizedSample(
+                input_ids=torch.randint(0, vocab, (n,), generator=generator).tolist(),
+                loss_mask=[1] * n,
+            )
             for n in lengths
         ]
         built.append(build_row(tokenized, seq, pad_id=0))
     return collate(built)
 
 
-def step_seconds(model: Qwen35Model, batch: dict[str, torch.Tensor], packed: bool) -> tuple[float, float]:
+def step_seconds(
+    model: Qwen35Model, batch: dict[str, torch.Tensor], packed: bool
+) -> tuple[float, float]:
     """CPU time and wall time of one forward + backward of the next-token loss."""
     model.zero_grad(set_to_none=True)
     cpu_start, start = time.process_time(), time.perf_counter()
@@ -99,7 +108,9 @@ def main() -> None:
         f"tokens, median of {args.repeats} after {args.warmup} warm-up"
     )
     for index, clock in enumerate(("CPU time", "wall time")):
-        unpacked_ms, packed_ms = (statistics.median(t[index] for t in times[key]) * 1e3 for key in (False, True))
+        unpacked_ms, packed_ms = (
+            statistics.median(t[index] for t in times[key]) * 1e3 for key in (False, True)
+        )
         print(
             f"  {clock:9s}: unpacked (1 sample per row) {unpacked_ms:8.1f} ms   packed ({args.samples} samples) "
             f"{packed_ms:8.1f} ms   ratio packed/unpacked {packed_ms / unpacked_ms:.3f}"

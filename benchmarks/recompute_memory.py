@@ -73,7 +73,9 @@ def build(checkpoint: Path, mode: str) -> tuple[torch.nn.Module, Callable[[int],
     model.train()
 
     def step(tokens: int) -> float:
-        input_ids = torch.randint(0, model.spec.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+        input_ids = torch.randint(
+            0, model.spec.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)
+        )
         model.zero_grad(set_to_none=False)
         start = time.process_time()
         next_token_loss(model(input_ids), input_ids).backward()
@@ -119,9 +121,13 @@ def interleaved_seconds(checkpoint: Path, tokens: int, repeats: int) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads"
+    )
     parser.add_argument("--tokens", type=int, default=4096, help="tokens in the one row")
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps per mode after one warm-up")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed steps per mode after one warm-up"
+    )
     parser.add_argument("--child", nargs=2, metavar=("CHECKPOINT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,9 +145,21 @@ def main() -> None:
         build_hf("moe_e8_top2").save_pretrained(path)
         for mode in MODES:
             run = subprocess.run(
-                [sys.executable, __file__, "--threads", str(args.threads), "--tokens", str(args.tokens),
-                 "--child", str(path), mode],
-                env=env, capture_output=True, text=True, check=False,
+                [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(args.threads),
+                    "--tokens",
+                    str(args.tokens),
+                    "--child",
+                    str(path),
+                    mode,
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if run.returncode != 0:
                 raise SystemExit(f"error: the {mode} run failed:\n{run.stderr[-3000:]}")
@@ -149,15 +167,19 @@ def main() -> None:
         for mode, seconds in interleaved_seconds(path, args.tokens, args.repeats).items():
             results[mode]["seconds"] = seconds
     base = results["none"]
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, 8-expert MoE (hidden 512, 8 layers), "
-          f"LoRA r=16, 1 x {args.tokens} tokens\n")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, fp32, 8-expert MoE (hidden 512, 8 layers), "
+        f"LoRA r=16, 1 x {args.tokens} tokens\n"
+    )
     print("| recompute | activation MiB | vs none | step CPU ms | vs none |")
     print("|---|---|---|---|---|")
     for mode in MODES:
         result = results[mode]
-        print(f"| {mode} | {result['activation_bytes'] / 2**20:.0f} | "
-              f"{result['activation_bytes'] / base['activation_bytes']:.2f} | {result['seconds'] * 1e3:.0f} | "
-              f"{result['seconds'] / base['seconds']:.2f} |")
+        print(
+            f"| {mode} | {result['activation_bytes'] / 2**20:.0f} | "
+            f"{result['activation_bytes'] / base['activation_bytes']:.2f} | {result['seconds'] * 1e3:.0f} | "
+            f"{result['seconds'] / base['seconds']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,14 +26,29 @@ import time
 from pathlib import Path
 
 from export_speed import (
-    CONV, EXPERTS, HEAD_DIM, HEADS, HIDDEN, K_DIM, K_HEADS, KV_HEADS, MOE_INTER, SHARED_INTER, V_DIM, V_HEADS,
-    VOCAB, model_shapes, write_base,
+    CONV,
+    EXPERTS,
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    K_DIM,
+    K_HEADS,
+    KV_HEADS,
+    MOE_INTER,
+    SHARED_INTER,
+    V_DIM,
+    V_HEADS,
+    VOCAB,
+    model_shapes,
+    write_base,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SYNC_SAVE = re.compile(r"Saved step 1 to \S+ in ([\d.]+) s")
-BACKGROUND_SAVE = re.compile(r"Saved step 1 to \S+: training blocked ([\d.]+) s \(training state ([\d.]+) s")
+BACKGROUND_SAVE = re.compile(
+    r"Saved step 1 to \S+: training blocked ([\d.]+) s \(training state ([\d.]+) s"
+)
 
 
 def write_checkpoint(directory: Path, size_bytes: int, shard_bytes: int) -> int:
@@ -41,14 +56,29 @@ def write_checkpoint(directory: Path, size_bytes: int, shard_bytes: int) -> int:
     directory.mkdir(parents=True)
     layers = write_base(directory, model_shapes(size_bytes), shard_bytes)
     config = {
-        "model_type": "qwen3_5_moe_text", "architectures": ["Qwen3_5MoeForCausalLM"], "dtype": "bfloat16",
-        "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": layers,
-        "layer_types": ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)],
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
-        "linear_num_key_heads": K_HEADS, "linear_num_value_heads": V_HEADS, "linear_key_head_dim": K_DIM,
-        "linear_value_head_dim": V_DIM, "linear_conv_kernel_dim": CONV, "num_experts": EXPERTS,
-        "num_experts_per_tok": 4, "moe_intermediate_size": MOE_INTER,
-        "shared_expert_intermediate_size": SHARED_INTER, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "model_type": "qwen3_5_moe_text",
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "dtype": "bfloat16",
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": layers,
+        "layer_types": [
+            "full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)
+        ],
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "linear_num_key_heads": K_HEADS,
+        "linear_num_value_heads": V_HEADS,
+        "linear_key_head_dim": K_DIM,
+        "linear_value_head_dim": V_DIM,
+        "linear_conv_kernel_dim": CONV,
+        "num_experts": EXPERTS,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": MOE_INTER,
+        "shared_expert_intermediate_size": SHARED_INTER,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer = _tiny_model(directory.parent / "tiny")
@@ -66,13 +96,25 @@ def _tiny_model(cache: Path) -> Path:
 
 def train(base: Path, output_dir: Path, background: bool) -> str:
     command = [
-        sys.executable, "train.py", f"model.hf_path={base}", "model.tiny=null", f"output_dir={output_dir}",
-        "logger=none", "trainer.max_steps=1", "checkpoint.every_n_steps=1", "data.max_seq_len=32",
-        "trainer.global_batch_size=2", "trainer.micro_batch_size=1", "trainer.devices=2", "parallel.ep=2",
+        sys.executable,
+        "train.py",
+        f"model.hf_path={base}",
+        "model.tiny=null",
+        f"output_dir={output_dir}",
+        "logger=none",
+        "trainer.max_steps=1",
+        "checkpoint.every_n_steps=1",
+        "data.max_seq_len=32",
+        "trainer.global_batch_size=2",
+        "trainer.micro_batch_size=1",
+        "trainer.devices=2",
+        "parallel.ep=2",
         f"export.background={str(background).lower()}",
     ]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
-    run = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.run(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if run.returncode != 0:
         raise SystemExit(f"train.py failed:\n{run.stdout[-5000:]}")
     return run.stdout
@@ -86,7 +128,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="save_blocking_") as scratch:
         base = Path(scratch) / "base"
         size = write_checkpoint(base, int(args.size_gb * 2**30), int(args.shard_mb * 2**20))
-        print(f"base: {size / 2**30:.2f} GiB bf16 in {len(list(base.glob('*.safetensors')))} shards")
+        print(
+            f"base: {size / 2**30:.2f} GiB bf16 in {len(list(base.glob('*.safetensors')))} shards"
+        )
         started = time.perf_counter()
         sync_log = train(base, Path(scratch) / "sync", background=False)
         sync_wall = time.perf_counter() - started
@@ -99,10 +143,14 @@ def main() -> None:
         raise SystemExit("no save line found in the training logs")
     sync_s, background_s, state_s = float(sync[1]), float(background[1]), float(background[2])
     print(f"save blocks training, synchronous export: {sync_s:.2f} s (run {sync_wall:.0f} s)")
-    print(f"save blocks training, background export:  {background_s:.2f} s (run {background_wall:.0f} s), "
-          f"of which the training state {state_s:.2f} s")
-    print(f"background / synchronous: {background_s / sync_s:.3f}; background - training state: "
-          f"{background_s - state_s:.2f} s (goal <= 1 s)")
+    print(
+        f"save blocks training, background export:  {background_s:.2f} s (run {background_wall:.0f} s), "
+        f"of which the training state {state_s:.2f} s"
+    )
+    print(
+        f"background / synchronous: {background_s / sync_s:.3f}; background - training state: "
+        f"{background_s - state_s:.2f} s (goal <= 1 s)"
+    )
 
 
 if __name__ == "__main__":

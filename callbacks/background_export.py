@@ -18,7 +18,12 @@ import torch
 import torch.distributed as dist
 
 from lora_trainer.errors import ExportError
-from lora_trainer.export.background import ExportWorker, discard_snapshot, failure_messages, reset_export
+from lora_trainer.export.background import (
+    ExportWorker,
+    discard_snapshot,
+    failure_messages,
+    reset_export,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,10 @@ class BackgroundExports:
         the other, in the background. Collective."""
         if saves:
             if trainer.is_global_zero:
-                log.info("Completing the HF export of %s in the background", ", ".join(s.name for s in saves))
+                log.info(
+                    "Completing the HF export of %s in the background",
+                    ", ".join(s.name for s in saves),
+                )
             self.queue.extend(saves)
             self.poll(trainer)
 
@@ -111,7 +119,11 @@ class BackgroundExports:
         own = self.worker.failure() if self.worker is not None else None
         self.stop()
         messages = failure_messages(save_dir) if save_dir is not None else []
-        cause = messages[0] if messages else own or "a background export worker failed (see its output above)"
+        cause = (
+            messages[0]
+            if messages
+            else own or "a background export worker failed (see its output above)"
+        )
         raise ExportError(
             f"the background HF export of {save_dir} failed: {cause}. Training stopped at step "
             f"{trainer.global_step}; the save's training state is intact: fix the cause, then complete "

@@ -40,7 +40,10 @@ def _directory_size(path: Path) -> int:
 
 class CheckpointExportCallback(pl.Callback):
     def __init__(
-        self, config: TrainConfig, check_input_ids: torch.Tensor | None, resumed_from: Path | None = None
+        self,
+        config: TrainConfig,
+        check_input_ids: torch.Tensor | None,
+        resumed_from: Path | None = None,
     ) -> None:
         self.config = config
         self.resumed_from = resumed_from
@@ -60,10 +63,14 @@ class CheckpointExportCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.background.wait(trainer, "The end of training")
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self.background.stop()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         step = trainer.global_step
         every = self.config.checkpoint.every_n_steps
         if step % every == 0 or step >= self.config.trainer.max_steps:
@@ -87,7 +94,10 @@ class CheckpointExportCallback(pl.Callback):
         failure: Exception | None = None
         try:
             adapter = distributed_hf_adapter(
-                module.adapters, module.loaded.spec, self.config.lora.to_lora_config(), str(module.hf_path)
+                module.adapters,
+                module.loaded.spec,
+                self.config.lora.to_lora_config(),
+                str(module.hf_path),
             )
             manifest = export_hf(
                 adapter,
@@ -109,7 +119,7 @@ class CheckpointExportCallback(pl.Callback):
                     f"{check['message'] if check else 'the export check did not run'} (step {step}); the save "
                     f"stays unpublished at {staging} for inspection, the previous saves are untouched"
                 )
-        except Exception as error:  # noqa: BLE001 - every rank raises below, together
+        except Exception as error:
             failure = error
         raise_on_every_rank(failure)
         if trainer.is_global_zero:
@@ -117,13 +127,18 @@ class CheckpointExportCallback(pl.Callback):
             self._prune()
             log.info(
                 "Saved step %d to %s in %.1f s (%.1f MiB)",
-                step, final, time.perf_counter() - started, _directory_size(final) / 2**20,
+                step,
+                final,
+                time.perf_counter() - started,
+                _directory_size(final) / 2**20,
             )
         strategy.barrier("save:published")
         self.last_saved_step = step
         return final
 
-    def _save_in_background(self, trainer: pl.Trainer, module: LoraTrainingModule, step: int) -> Path:
+    def _save_in_background(
+        self, trainer: pl.Trainer, module: LoraTrainingModule, step: int
+    ) -> Path:
         """Training state and export snapshot into `step-N`, then the export in the background."""
         self.background.wait(trainer, f"The save of step {step}")
         strategy = trainer.strategy
@@ -136,14 +151,24 @@ class CheckpointExportCallback(pl.Callback):
         strategy.barrier("save:staging")
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
         state_seconds = time.perf_counter() - started
-        write_factors(staging, trainer.global_rank, local_hf_factors(module.adapters, module.loaded.spec))
+        write_factors(
+            staging, trainer.global_rank, local_hf_factors(module.adapters, module.loaded.spec)
+        )
         if trainer.is_global_zero:
             export, lora = self.config.export, self.config.lora
             write_job(
-                staging, step=step, base_dir=str(module.hf_path), snapshot_ranks=trainer.world_size,
-                write_adapter=export.adapter, write_merged=export.merged, profile=export.profile,
+                staging,
+                step=step,
+                base_dir=str(module.hf_path),
+                snapshot_ranks=trainer.world_size,
+                write_adapter=export.adapter,
+                write_merged=export.merged,
+                profile=export.profile,
                 check_input_ids=self.check_input_ids.tolist() if export.check else None,
-                check_memory_gb=export.check_memory_gb, r=lora.r, alpha=lora.alpha, use_rslora=lora.rslora,
+                check_memory_gb=export.check_memory_gb,
+                r=lora.r,
+                alpha=lora.alpha,
+                use_rslora=lora.rslora,
                 text_prefix=module.loaded.spec.text_prefix,
             )
         strategy.barrier("save:snapshot")
@@ -156,7 +181,10 @@ class CheckpointExportCallback(pl.Callback):
             log.info(
                 "Saved step %d to %s: training blocked %.2f s (training state %.2f s, snapshot %.1f MiB); "
                 "the HF export runs in the background",
-                step, final, time.perf_counter() - started, state_seconds,
+                step,
+                final,
+                time.perf_counter() - started,
+                state_seconds,
                 _directory_size(snapshot_dir(final)) / 2**20,
             )
         self.last_saved_step = step
@@ -181,4 +209,8 @@ class CheckpointExportCallback(pl.Callback):
         keep = frozenset(path for path in protected if path is not None)
         for stale in saves_to_prune(self.root, self.config.checkpoint.keep_last, keep):
             shutil.rmtree(stale)
-            log.info("Removed old save %s (checkpoint.keep_last=%d)", stale, self.config.checkpoint.keep_last)
+            log.info(
+                "Removed old save %s (checkpoint.keep_last=%d)",
+                stale,
+                self.config.checkpoint.keep_last,
+            )

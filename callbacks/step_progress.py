@@ -16,7 +16,9 @@ class StepProgressBar(TQDMProgressBar):
         self.train_progress_bar.update(trainer.global_step)
         self.train_progress_bar.set_description("Training steps")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
+    ) -> None:
         bar = self.train_progress_bar
         bar.update(trainer.global_step - bar.n)
         bar.set_postfix(self.get_metrics(trainer, pl_module))

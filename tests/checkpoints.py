@@ -19,37 +19,45 @@ KIND_MOE = "moe"
 KIND_MOE_VL = "moe_vl"
 KINDS = (KIND_DENSE, KIND_MOE, KIND_MOE_VL)
 
-TEXT_SIZES: dict[str, object] = dict(
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=4,
-    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=8,
-    linear_value_head_dim=12,
-    linear_conv_kernel_dim=4,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
-MOE_SIZES: dict[str, object] = dict(
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=24,
-    shared_expert_intermediate_size=20,
-)
-DENSE_SIZES: dict[str, object] = dict(intermediate_size=40)
-VISION_SIZES: dict[str, object] = dict(
-    depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=8
-)
+TEXT_SIZES: dict[str, object] = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 12,
+    "linear_conv_kernel_dim": 4,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+MOE_SIZES: dict[str, object] = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 24,
+    "shared_expert_intermediate_size": 20,
+}
+DENSE_SIZES: dict[str, object] = {"intermediate_size": 40}
+VISION_SIZES: dict[str, object] = {
+    "depth": 1,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "patch_size": 8,
+}
 MTP_TENSORS = ("mtp.fc.weight", "mtp.norm.weight")
 
 
 def build_hf_model(
-    kind: str, seed: int = 0, tie_word_embeddings: bool = False, moe_sizes: dict[str, object] | None = None
+    kind: str,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    moe_sizes: dict[str, object] | None = None,
 ) -> torch.nn.Module:
     """A transformers Qwen3.5 model of `kind` with random weights of a useful scale (fp32, eval);
     `moe_sizes` overrides the expert count, top-k and widths of a `moe` model."""
@@ -88,7 +96,9 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             elif param.ndim == 1:
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
             else:
-                fan_in = param.shape[-1] * (param.shape[-1] if param.ndim == 3 and "conv" in name else 1)
+                fan_in = param.shape[-1] * (
+                    param.shape[-1] if param.ndim == 3 and "conv" in name else 1
+                )
                 std = 1.0 / math.sqrt(max(fan_in, 1))
                 param.copy_(std * torch.randn(param.shape, generator=generator))
 
@@ -108,7 +118,9 @@ def save_checkpoint(
     model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size or "2GB")
     model.to(torch.float32)
     if with_mtp or packed_experts:
-        _rewrite_single_file(path, model, with_mtp=with_mtp, packed_experts=packed_experts, dtype=dtype)
+        _rewrite_single_file(
+            path, model, with_mtp=with_mtp, packed_experts=packed_experts, dtype=dtype
+        )
     return path
 
 
@@ -129,7 +141,9 @@ def _rewrite_single_file(
     save_file(tensors, str(file), metadata={"format": "pt"})
 
 
-_PER_EXPERT = re.compile(r"^(?P<base>.*\.mlp\.experts\.)(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
+_PER_EXPERT = re.compile(
+    r"^(?P<base>.*\.mlp\.experts\.)(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$"
+)
 
 
 def _pack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.checkpoints import KIND_DENSE, KIND_MOE, KIND_MOE_VL, build_hf_model, fixed_batch, save_checkpoint
+from tests.checkpoints import (
+    KIND_DENSE,
+    KIND_MOE,
+    KIND_MOE_VL,
+    build_hf_model,
+    fixed_batch,
+    save_checkpoint,
+)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,10 @@ def _factors(adapters: list[Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor 
     """Each adapter's A and row permutation, keyed by its HF target name(s) (grouped expert
     adapters hold one name per local expert)."""
     return {
-        "|".join(getattr(a, "names", [getattr(a, "name", "")])): (a.lora_A.detach().clone(), getattr(a, "perm", None))
+        "|".join(getattr(a, "names", [getattr(a, "name", "")])): (
+            a.lora_A.detach().clone(),
+            getattr(a, "perm", None),
+        )
         for a in adapters
     }
 
@@ -50,7 +53,9 @@ def run_device_context_checks(rank: int, world_size: int, checkpoint: str) -> di
         in_context = _factors(adapters)
 
         positions = torch.arange(32768).unsqueeze(0)
-        fp32_rotary = build_model_from_hf(Path(checkpoint), config, torch.float32).model.rotary(positions)
+        fp32_rotary = build_model_from_hf(Path(checkpoint), config, torch.float32).model.rotary(
+            positions
+        )
         is_available = torch.cuda.is_available
         torch.cuda.is_available = lambda: True
         try:

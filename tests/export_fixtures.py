@@ -13,7 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lora_trainer.bridge.safetensors_io import SINGLE_FILE, ShardedCheckpointWriter, shard_file_names
+from lora_trainer.bridge.safetensors_io import (
+    SINGLE_FILE,
+    ShardedCheckpointWriter,
+    shard_file_names,
+)
 from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from tests.checkpoints import KIND_DENSE, KIND_MOE, KIND_MOE_VL, build_hf_model, save_checkpoint
 
@@ -21,9 +25,18 @@ RANK = 4
 ALPHA = 8.0
 B_SCALE = 0.05  # lora_B size: moves the logits by O(1)
 TARGET_LEAVES = {
-    "q_proj", "k_proj", "v_proj", "o_proj",
-    "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj",
-    "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "in_proj_qkv",
+    "in_proj_z",
+    "in_proj_b",
+    "in_proj_a",
+    "out_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 }
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 TEXT_PREFIX = {KIND_DENSE: "model.", KIND_MOE: "model.", KIND_MOE_VL: "model.language_model."}
@@ -82,7 +95,12 @@ def make_base(
     """
     model = build_hf_model(kind)
     save_checkpoint(
-        model, path, dtype=dtype, packed_experts=packed_experts, with_mtp=with_mtp, max_shard_size=max_shard_size
+        model,
+        path,
+        dtype=dtype,
+        packed_experts=packed_experts,
+        with_mtp=with_mtp,
+        max_shard_size=max_shard_size,
     )
     if shards > 1:
         reshard(path, shards)

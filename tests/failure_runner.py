@@ -21,10 +21,12 @@ def main(rank: int, port: int, output_dir: Path, mode: str) -> None:
     try:
         dist.barrier()
         if rank == 1 or mode == "all":
-            raise CheckpointError("step-2/training_state/rank-00001.pt cannot be read; resume from another save")
+            raise CheckpointError(
+                "step-2/training_state/rank-00001.pt cannot be read; resume from another save"
+            )
         dist.all_reduce(torch.ones(4))
         dist.barrier()
-    except BaseException as error:  # noqa: BLE001 - as train.py does
+    except BaseException as error:
         exit_after_launch(error, output_dir)
 
 

@@ -22,9 +22,17 @@ def random_full_factors(adapter: Any, seed: int) -> tuple[torch.Tensor, torch.Te
     """Full (unsharded) random factors for one adapter, the same at every parallel layout. The
     canonical style's per-target adapters share one A, so fused and canonical encode one delta."""
     generator = torch.Generator().manual_seed(seed + zlib.crc32(adapter.name.encode()))
-    full_in = adapter.lora_A.shape[2] if adapter.kind == "column" else sum(s.size for s in adapter.spans)
-    full_out = sum(s.size for s in adapter.spans) if adapter.kind == "column" else adapter.lora_B[0].shape[0]
-    a = (torch.randn(1, adapter.r, full_in, generator=generator) / full_in**0.5).expand(adapter.adapters, -1, -1)
+    full_in = (
+        adapter.lora_A.shape[2] if adapter.kind == "column" else sum(s.size for s in adapter.spans)
+    )
+    full_out = (
+        sum(s.size for s in adapter.spans)
+        if adapter.kind == "column"
+        else adapter.lora_B[0].shape[0]
+    )
+    a = (torch.randn(1, adapter.r, full_in, generator=generator) / full_in**0.5).expand(
+        adapter.adapters, -1, -1
+    )
     b = 0.2 * torch.randn(full_out, adapter.r, generator=generator) / adapter.r**0.5
     return a, b
 
@@ -46,7 +54,10 @@ def _finalize_grads(model: Any) -> None:
             if parallel_state.get_expert_data_parallel_world_size() > 1:
                 dist.all_reduce(param.grad, group=parallel_state.get_expert_data_parallel_group())
             param.grad /= dp_size
-        elif getattr(param, "sequence_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        elif (
+            getattr(param, "sequence_parallel", False)
+            and parallel_state.get_tensor_model_parallel_world_size() > 1
+        ):
             dist.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
 
 
@@ -67,9 +78,16 @@ def _grads_as_adapter(adapters: list[Any], spec: Any, config: Any) -> Any:
     return grads
 
 
-def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
-             input_ids: torch.Tensor, lora: dict[str, Any], dtype: torch.dtype = torch.float32,
-             export_dir: str | None = None) -> dict[str, dict[str, Any]]:
+def run_lora(
+    rank: int,
+    world_size: int,
+    parallel: dict[str, Any],
+    checkpoints: dict[str, str],
+    input_ids: torch.Tensor,
+    lora: dict[str, Any],
+    dtype: torch.dtype = torch.float32,
+    export_dir: str | None = None,
+) -> dict[str, dict[str, Any]]:
     """Logits, gathered adapter and gathered gradients per checkpoint kind; with `export_dir`,
     also the export of each rank's own part of the adapter into `export_dir/<kind>`."""
     from lora_trainer.bridge.build import build_model_from_hf
@@ -102,15 +120,29 @@ def run_lora(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: 
             }
             if export_dir is not None:
                 part = distributed_hf_adapter(adapters, loaded.spec, lora_config, path)
-                export_hf(part, Path(path), Path(export_dir) / kind, step=1, rank=rank, world_size=world_size,
-                          barrier=dist.barrier, progress=False)
+                export_hf(
+                    part,
+                    Path(path),
+                    Path(export_dir) / kind,
+                    step=1,
+                    rank=rank,
+                    world_size=world_size,
+                    barrier=dist.barrier,
+                    progress=False,
+                )
     finally:
         destroy_parallel()
     return results
 
 
-def run_lora_expert_loop(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
-                         input_ids: torch.Tensor, lora: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def run_lora_expert_loop(
+    rank: int,
+    world_size: int,
+    parallel: dict[str, Any],
+    checkpoints: dict[str, str],
+    input_ids: torch.Tensor,
+    lora: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
     """`run_lora` with the routed experts on the per-expert loop instead of grouped matmul."""
     from lora_trainer.kernels import grouped_gemm
 
@@ -118,8 +150,14 @@ def run_lora_expert_loop(rank: int, world_size: int, parallel: dict[str, Any], c
     return run_lora(rank, world_size, parallel, checkpoints, input_ids, lora)
 
 
-def run_recompute(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
-                  input_ids: torch.Tensor, lora: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def run_recompute(
+    rank: int,
+    world_size: int,
+    parallel: dict[str, Any],
+    checkpoints: dict[str, str],
+    input_ids: torch.Tensor,
+    lora: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
     """Three SGD steps on packed rows from the same random factors and the same RNG seed under
     every `model.recompute` mode: the first step's LoRA gradients and the final adapter, per mode.
     `lora` holds the LoRA settings per checkpoint kind (dropout where the model allows it)."""
@@ -167,7 +205,8 @@ def run_recompute(rank: int, world_size: int, parallel: dict[str, Any], checkpoi
                         for param in params:
                             param -= 0.5 * param.grad
                 results[kind][mode.value] = {
-                    "grads": grads, "adapter": gather_hf_adapter(adapters, loaded.spec, lora_config, path)
+                    "grads": grads,
+                    "adapter": gather_hf_adapter(adapters, loaded.spec, lora_config, path),
                 }
     finally:
         destroy_parallel()

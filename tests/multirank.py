@@ -56,11 +56,11 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, args: tuple, res
     """Child entry point: run `fn` and send back ("ok", pickled result) or ("error", ...)."""
     try:
         payload = pickle.dumps(fn(rank, world_size, *args))
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
+    except BaseException as exc:
         text = traceback.format_exc()
         try:
             exc_bytes: bytes | None = pickle.dumps(exc)
-        except Exception:  # noqa: BLE001 - unpicklable exceptions travel as text only
+        except Exception:
             exc_bytes = None
         results.put((rank, "error", exc_bytes, text))
     else:

@@ -35,10 +35,14 @@ def noise_floor(fp32: torch.Tensor, fp64: torch.Tensor) -> float:
     run in float64. A floor of a percent of the values or more means the float64 side computes
     something else, which would make any bound on it meaningless, so that is refused."""
     if fp32.dtype != torch.float32 or fp64.dtype != torch.float64:
-        raise AssertionError(f"a noise floor compares fp32 with float64, got {fp32.dtype} and {fp64.dtype}")
+        raise AssertionError(
+            f"a noise floor compares fp32 with float64, got {fp32.dtype} and {fp64.dtype}"
+        )
     floor = max_abs_diff(fp32, fp64)
     scale = fp64.detach().abs().max().item()
-    assert floor < MAX_RELATIVE_FLOOR * scale, f"noise floor {floor:.3g} is not small against values of {scale:.3g}"
+    assert floor < MAX_RELATIVE_FLOOR * scale, (
+        f"noise floor {floor:.3g} is not small against values of {scale:.3g}"
+    )
     return floor
 
 
@@ -56,14 +60,18 @@ def assert_within_floor(
     measured difference."""
     diff = max_abs_diff(got, want)
     bound = factor * floor
-    assert diff <= bound, f"{what}: max |diff| {diff:.3g} > {factor:g} x noise floor {floor:.3g} = {bound:.3g}"
+    assert diff <= bound, (
+        f"{what}: max |diff| {diff:.3g} > {factor:g} x noise floor {floor:.3g} = {bound:.3g}"
+    )
     return diff
 
 
 def assert_differs(got: torch.Tensor, want: torch.Tensor, at_least: float, what: str) -> float:
     """Assert max |got - want| > at_least (a real change, not rounding); return the difference."""
     diff = max_abs_diff(got, want)
-    assert diff > at_least, f"{what}: max |diff| {diff:.3g} <= {at_least:.3g}, expected a real change"
+    assert diff > at_least, (
+        f"{what}: max |diff| {diff:.3g} <= {at_least:.3g}, expected a real change"
+    )
     return diff
 
 

@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 def logit_weights(shape: tuple[int, ...]) -> torch.Tensor:
     """The fixed W of the loss sum(logits * W), scaled so gradients are of order one."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(11)) / torch.Size(shape).numel()
+    return (
+        torch.randn(shape, generator=torch.Generator().manual_seed(11)) / torch.Size(shape).numel()
+    )
 
 
 def _vocab_slice(full: torch.Tensor) -> torch.Tensor:
@@ -29,7 +31,10 @@ def _vocab_slice(full: torch.Tensor) -> torch.Tensor:
 
 
 def forward_backward(
-    model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    model: Any,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """One micro-batch through megatron's schedule (packed rows when `cu_seqlens` is given);
     returns gathered logits on the last stage."""
@@ -66,13 +71,21 @@ def _embedding_grad(model: Any) -> torch.Tensor | None:
     if not model.pre_process:
         return None
     grad = model.embedding.weight.grad
-    shards = [torch.empty_like(grad) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+    shards = [
+        torch.empty_like(grad) for _ in range(parallel_state.get_tensor_model_parallel_world_size())
+    ]
     dist.all_gather(shards, grad, group=parallel_state.get_tensor_model_parallel_group())
     return torch.cat(shards)
 
 
-def run_parity(rank: int, world_size: int, parallel: dict[str, Any], checkpoints: dict[str, str],
-               input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, torch.Tensor]]:
+def run_parity(
+    rank: int,
+    world_size: int,
+    parallel: dict[str, Any],
+    checkpoints: dict[str, str],
+    input_ids: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, dict[str, torch.Tensor]]:
     """Logits and embedding grads (in `dtype`) of every checkpoint under the `parallel` layout; also
     the round trip HF -> Megatron -> HF of every text tensor."""
     from lora_trainer.bridge.build import build_model_from_hf
@@ -87,7 +100,10 @@ def run_parity(rank: int, world_size: int, parallel: dict[str, Any], checkpoints
         for kind, path in checkpoints.items():
             loaded = build_model_from_hf(Path(path), config, params_dtype=dtype)
             model = loaded.model
-            local = {"logits": forward_backward(model, input_ids), "embed_grad": _embedding_grad(model)}
+            local = {
+                "logits": forward_backward(model, input_ids),
+                "embed_grad": _embedding_grad(model),
+            }
             everyone: list[Any] = [None] * world_size
             dist.all_gather_object(everyone, local)
             merged = {key: next(r[key] for r in everyone if r[key] is not None) for key in local}
@@ -98,9 +114,15 @@ def run_parity(rank: int, world_size: int, parallel: dict[str, Any], checkpoints
     return results
 
 
-def run_packing(rank: int, world_size: int, parallel: dict[str, Any], checkpoint: str,
-                samples: list[list[int]], seq_len: int,
-                dtype: torch.dtype = torch.float32) -> dict[str, list[torch.Tensor]]:
+def run_packing(
+    rank: int,
+    world_size: int,
+    parallel: dict[str, Any],
+    checkpoint: str,
+    samples: list[list[int]],
+    seq_len: int,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, list[torch.Tensor]]:
     """Logits (in `dtype`) of each sample run alone, and of the same samples packed into rows of
     `seq_len` (position ids restarting and `cu_seqlens` boundaries from the data pipeline's packing)."""
     from lora_trainer.bridge.build import build_model_from_hf
@@ -116,13 +138,25 @@ def run_packing(rank: int, world_size: int, parallel: dict[str, Any], checkpoint
         model = build_model_from_hf(Path(checkpoint), config, params_dtype=dtype).model
         with torch.no_grad():
             alone = [gather_vocab_logits(model(torch.tensor([ids])))[0] for ids in samples]
-            tokenized = [TokenizedSample(input_ids=ids, loss_mask=[1] * len(ids)) for ids in samples]
-            rows = [build_row(tokenized[:2], seq_len, pad_id=0), build_row(tokenized[2:], seq_len, pad_id=0)]
+            tokenized = [
+                TokenizedSample(input_ids=ids, loss_mask=[1] * len(ids)) for ids in samples
+            ]
+            rows = [
+                build_row(tokenized[:2], seq_len, pad_id=0),
+                build_row(tokenized[2:], seq_len, pad_id=0),
+            ]
             batch = collate(rows)
-            packed = gather_vocab_logits(model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"].long()))
-        starts = [0, len(samples[0]), 0] + [sum(len(s) for s in samples[2:i]) for i in range(3, len(samples))]
+            packed = gather_vocab_logits(
+                model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"].long())
+            )
+        starts = [0, len(samples[0]), 0] + [
+            sum(len(s) for s in samples[2:i]) for i in range(3, len(samples))
+        ]
         row_of = [0, 0] + [1] * (len(samples) - 2)
-        in_pack = [packed[row, start:start + len(ids)] for row, start, ids in zip(row_of, starts, samples)]
+        in_pack = [
+            packed[row, start : start + len(ids)]
+            for row, start, ids in zip(row_of, starts, samples)
+        ]
     finally:
         destroy_parallel()
     return {"alone": alone, "packed": in_pack}

@@ -184,7 +184,5 @@ def test_cleanup_stale_temporaries(tmp_path: Path) -> None:
     assert (tmp_path / "adapter" / "f").is_file()
     handled = cleanup_stale_temporaries(tmp_path)
     assert sorted(handled) == sorted([stale, replaced, stale_file])
-    assert _entries(tmp_path) == sorted(
-        [".export.tmpfoo", live.name, "adapter", "export", "other"]
-    )
+    assert _entries(tmp_path) == sorted([".export.tmpfoo", live.name, "adapter", "export", "other"])
     assert cleanup_stale_temporaries(tmp_path / "absent") == []

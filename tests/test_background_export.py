@@ -17,12 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from callbacks.checkpoint_export import CheckpointExportCallback
 from lora_trainer.errors import ExportError
 from lora_trainer.export.background import FileBarrier, failure_messages, run_export_share
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.hf_lora import HFAdapter
-from lora_trainer.export.snapshot import SNAPSHOT_DIR, SnapshotReader, read_job, snapshot_dir, write_factors, write_job
-from callbacks.checkpoint_export import CheckpointExportCallback
+from lora_trainer.export.snapshot import (
+    SNAPSHOT_DIR,
+    SnapshotReader,
+    read_job,
+    snapshot_dir,
+    write_factors,
+    write_job,
+)
 from lora_trainer.training.checkpoints import write_state_manifest
 from lora_trainer.training.config import CheckpointSection, TrainConfig
 from tests.checkpoints import KIND_MOE_VL
@@ -33,7 +40,11 @@ EXPORTED = ("hf_adapter", "hf_merged")
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_same_exports(save: Path, reference: Path) -> None:
@@ -44,33 +55,54 @@ def assert_same_exports(save: Path, reference: Path) -> None:
         assert not different, f"{name}: {different}"
 
 
-def _snapshot_of(adapter: HFAdapter, save: Path, base: Path, ranks: int, check: torch.Tensor | None) -> None:
+def _snapshot_of(
+    adapter: HFAdapter, save: Path, base: Path, ranks: int, check: torch.Tensor | None
+) -> None:
     """`adapter` as `ranks` ranks would snapshot it: experts dealt out by index, linears on rank 0,
     and one linear on every rank (a data-parallel replica's copy)."""
     replicated = next(iter(adapter.linears))
     for rank in range(ranks):
-        factors = {(m, None): (w.a, w.b) for m, w in adapter.linears.items() if rank == 0 or m == replicated}
+        factors = {
+            (m, None): (w.a, w.b)
+            for m, w in adapter.linears.items()
+            if rank == 0 or m == replicated
+        }
         for module, weights in adapter.experts.items():
             for expert in range(rank, weights.a.shape[0], ranks):
                 factors[(module, expert)] = (weights.a[expert], weights.b[expert])
         write_factors(save, rank, factors)
     write_job(
-        save, step=7, base_dir=str(base), snapshot_ranks=ranks, write_adapter=True, write_merged=True,
-        profile="peft", check_input_ids=None if check is None else check.tolist(), r=adapter.r,
-        alpha=adapter.alpha, use_rslora=adapter.use_rslora, text_prefix=adapter.text_prefix,
+        save,
+        step=7,
+        base_dir=str(base),
+        snapshot_ranks=ranks,
+        write_adapter=True,
+        write_merged=True,
+        profile="peft",
+        check_input_ids=None if check is None else check.tolist(),
+        r=adapter.r,
+        alpha=adapter.alpha,
+        use_rslora=adapter.use_rslora,
+        text_prefix=adapter.text_prefix,
     )
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, HFAdapter]:
     path, adapter = make_base(
-        KIND_MOE_VL, tmp_path_factory.mktemp("base") / "moe_vl", dtype=torch.bfloat16,
-        packed_experts=True, with_mtp=True, shards=3,
+        KIND_MOE_VL,
+        tmp_path_factory.mktemp("base") / "moe_vl",
+        dtype=torch.bfloat16,
+        packed_experts=True,
+        with_mtp=True,
+        shards=3,
     )
     return path, HFAdapter(**{**adapter.__dict__, "base_model_name_or_path": str(path)})
 
 
-def test_two_workers_from_a_snapshot_equal_the_synchronous_export(base: tuple[Path, HFAdapter], tmp_path: Path) -> None:
+def test_two_workers_from_a_snapshot_equal_the_synchronous_export(
+    base: tuple[Path, HFAdapter], tmp_path: Path
+) -> None:
     path, adapter = base
     reference = tmp_path / "sync"
     export_hf(adapter, path, reference, step=7, progress=False)
@@ -79,7 +111,10 @@ def test_two_workers_from_a_snapshot_equal_the_synchronous_export(base: tuple[Pa
     _snapshot_of(adapter, save, path, ranks=2, check=None)
     reader = SnapshotReader(save, read_job(save))
     loaded = reader.load_adapter()
-    assert loaded.linears.keys() == adapter.linears.keys() and loaded.experts.keys() == adapter.experts.keys()
+    assert (
+        loaded.linears.keys() == adapter.linears.keys()
+        and loaded.experts.keys() == adapter.experts.keys()
+    )
     for key, weights in (*adapter.linears.items(), *adapter.experts.items()):
         got = loaded.linears.get(key) or loaded.experts[key]
         assert torch.equal(got.a, weights.a) and torch.equal(got.b, weights.b), key
@@ -89,7 +124,7 @@ def test_two_workers_from_a_snapshot_equal_the_synchronous_export(base: tuple[Pa
     def worker(rank: int) -> None:
         try:
             run_export_share(save, rank, 2)
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=worker, args=(rank,)) for rank in (1, 0)]
@@ -102,10 +137,14 @@ def test_two_workers_from_a_snapshot_equal_the_synchronous_export(base: tuple[Pa
     manifest = json.loads((save / "export_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["step"] == 7
     assert manifest["export_started_at"] <= manifest["export_finished_at"] <= time.time()
-    assert manifest["files"] == json.loads((reference / "export_manifest.json").read_text())["files"]
+    assert (
+        manifest["files"] == json.loads((reference / "export_manifest.json").read_text())["files"]
+    )
 
 
-def test_a_worker_share_reads_only_its_modules(base: tuple[Path, HFAdapter], tmp_path: Path) -> None:
+def test_a_worker_share_reads_only_its_modules(
+    base: tuple[Path, HFAdapter], tmp_path: Path
+) -> None:
     from lora_trainer.export.background import _modules_of_share
 
     path, adapter = base
@@ -122,13 +161,19 @@ def test_a_failed_worker_stops_the_others_at_their_barrier(tmp_path: Path) -> No
     (tmp_path / SNAPSHOT_DIR).mkdir()
     barrier = FileBarrier(snapshot_dir(tmp_path), rank=0, world_size=2)
     (snapshot_dir(tmp_path) / "failed-rank-00001").write_text("disk full while writing x\n")
-    with pytest.raises(ExportError, match="another export worker failed: disk full while writing x"):
+    with pytest.raises(
+        ExportError, match="another export worker failed: disk full while writing x"
+    ):
         barrier()
     assert failure_messages(tmp_path) == ["disk full while writing x"]
 
 
-def test_pruning_keeps_saves_whose_export_is_unfinished_and_the_newest_exported_one(tmp_path: Path) -> None:
-    config = TrainConfig(output_dir=str(tmp_path), checkpoint=CheckpointSection(every_n_steps=1, keep_last=1))
+def test_pruning_keeps_saves_whose_export_is_unfinished_and_the_newest_exported_one(
+    tmp_path: Path,
+) -> None:
+    config = TrainConfig(
+        output_dir=str(tmp_path), checkpoint=CheckpointSection(every_n_steps=1, keep_last=1)
+    )
     callback = CheckpointExportCallback(config, None)
     for step in range(1, 5):
         save = tmp_path / "checkpoints" / f"step-{step}"
@@ -141,13 +186,18 @@ def test_pruning_keeps_saves_whose_export_is_unfinished_and_the_newest_exported_
             (save / SNAPSHOT_DIR / "job.json").write_text("{}")
     callback.background.queue.append(tmp_path / "checkpoints" / "step-3")
     callback._prune()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-3", "step-4"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-2",
+        "step-3",
+        "step-4",
+    ]
     callback.background.queue.clear()
     callback._prune()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
 # End to end: `python train.py` on 2 ranks (the default EP=2 layout of the tiny MoE).
+
 
 def _env(output_dir: Path, pythonpath: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -158,20 +208,39 @@ def _env(output_dir: Path, pythonpath: str | None = None) -> dict[str, str]:
 
 
 def _command(output_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "train.py", f"output_dir={output_dir}", "logger=none", *COMMON, *overrides]
+    return [
+        sys.executable,
+        "train.py",
+        f"output_dir={output_dir}",
+        "logger=none",
+        *COMMON,
+        *overrides,
+    ]
 
 
-def run_train(output_dir: Path, *overrides: str, pythonpath: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_train(
+    output_dir: Path, *overrides: str, pythonpath: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        _command(output_dir, *overrides), cwd=REPO, env=_env(output_dir, pythonpath),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        _command(output_dir, *overrides),
+        cwd=REPO,
+        env=_env(output_dir, pythonpath),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
     )
 
 
 def export_cli(save: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lora_trainer.export", str(save)], cwd=REPO, env=_env(save),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        [sys.executable, "-m", "lora_trainer.export", str(save)],
+        cwd=REPO,
+        env=_env(save),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
     )
 
 
@@ -196,7 +265,11 @@ def test_background_saves_equal_synchronous_saves(synchronous_run: Path, tmp_pat
     assert output.index("step-4 finished") < output.index("Training done")
     for step in (2, 4):
         save = tmp_path / "checkpoints" / f"step-{step}"
-        assert sorted(p.name for p in save.iterdir()) == ["export_manifest.json", *EXPORTED, "training_state"]
+        assert sorted(p.name for p in save.iterdir()) == [
+            "export_manifest.json",
+            *EXPORTED,
+            "training_state",
+        ]
         assert_same_exports(save, synchronous_run / f"step-{step}")
         manifest = json.loads((save / "export_manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["check"]["passed"]
@@ -206,15 +279,25 @@ def test_background_saves_equal_synchronous_saves(synchronous_run: Path, tmp_pat
     assert len(records) == 4 and times == sorted(times) and times[-1] <= time.time()
 
 
-def test_killed_background_export_is_completed_by_resume(synchronous_run: Path, tmp_path: Path) -> None:
+def test_killed_background_export_is_completed_by_resume(
+    synchronous_run: Path, tmp_path: Path
+) -> None:
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        _command(killed, "trainer.max_steps=2", "checkpoint.every_n_steps=2"), cwd=REPO, env=_env(killed),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        _command(killed, "trainer.max_steps=2", "checkpoint.every_n_steps=2"),
+        cwd=REPO,
+        env=_env(killed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     save = killed / "checkpoints" / "step-2"
     deadline = time.monotonic() + 300
-    while not (save / SNAPSHOT_DIR / "job.json").is_file() and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not (save / SNAPSHOT_DIR / "job.json").is_file()
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -222,16 +305,24 @@ def test_killed_background_export_is_completed_by_resume(synchronous_run: Path, 
     longer = tmp_path / "longer"
     shutil.copytree(killed, longer)
 
-    output = _ok(run_train(killed, "trainer.max_steps=2", "checkpoint.every_n_steps=2", "resume=latest"))
+    output = _ok(
+        run_train(killed, "trainer.max_steps=2", "checkpoint.every_n_steps=2", "resume=latest")
+    )
     assert "only completing unfinished exports" in output and "Training done" in output
     assert_same_exports(save, synchronous_run / "step-2")
-    assert sorted(p.name for p in save.iterdir()) == ["export_manifest.json", *EXPORTED, "training_state"]
+    assert sorted(p.name for p in save.iterdir()) == [
+        "export_manifest.json",
+        *EXPORTED,
+        "training_state",
+    ]
 
     output = _ok(run_train(longer, *STEPS, "resume=latest"))
     assert "Completing the HF export of step-2 in the background" in output
     assert_same_exports(longer / "checkpoints" / "step-2", synchronous_run / "step-2")
     for step in (2, 4):
-        manifest = json.loads((longer / "checkpoints" / f"step-{step}" / "export_manifest.json").read_text())
+        manifest = json.loads(
+            (longer / "checkpoints" / f"step-{step}" / "export_manifest.json").read_text()
+        )
         assert manifest["status"] == "complete"
 
 
@@ -249,16 +340,30 @@ def test_full_disk_in_the_background_stops_training_and_keeps_earlier_saves(tmp_
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(_FULL_DISK)
     out = tmp_path / "run"
-    run = run_train(out, "trainer.max_steps=3", "checkpoint.every_n_steps=1", pythonpath=str(inject))
+    run = run_train(
+        out, "trainer.max_steps=3", "checkpoint.every_n_steps=1", pythonpath=str(inject)
+    )
     output = run.stdout
     assert run.returncode != 0
-    assert "the background HF export of" in output and "disk full while writing" in output, output[-3000:]
+    assert "the background HF export of" in output and "disk full while writing" in output, output[
+        -3000:
+    ]
     root = out / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-1", "step-2"]
-    assert sorted(p.name for p in (root / "step-1").iterdir()) == ["export_manifest.json", *EXPORTED, "training_state"]
+    assert sorted(p.name for p in (root / "step-1").iterdir()) == [
+        "export_manifest.json",
+        *EXPORTED,
+        "training_state",
+    ]
     assert sorted(p.name for p in (root / "step-2").iterdir()) == [SNAPSHOT_DIR, "training_state"]
 
     shutil.rmtree(inject)
     assert "Completing the HF export" in _ok(export_cli(root / "step-2"))
-    assert sorted(p.name for p in (root / "step-2").iterdir()) == ["export_manifest.json", *EXPORTED, "training_state"]
-    assert json.loads((root / "step-2" / "export_manifest.json").read_text())["status"] == "complete"
+    assert sorted(p.name for p in (root / "step-2").iterdir()) == [
+        "export_manifest.json",
+        *EXPORTED,
+        "training_state",
+    ]
+    assert (
+        json.loads((root / "step-2" / "export_manifest.json").read_text())["status"] == "complete"
+    )

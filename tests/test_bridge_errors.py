@@ -25,7 +25,14 @@ from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35.parallel_fit import check_parallel_fits
 from lora_trainer.qwen35.spec import Qwen35Spec
 from tests.bridge_error_runner import LoadOutcome, try_loads
-from tests.checkpoints import DENSE_SIZES, KIND_DENSE, KIND_MOE_VL, MOE_SIZES, TEXT_SIZES, MTP_TENSORS
+from tests.checkpoints import (
+    DENSE_SIZES,
+    KIND_DENSE,
+    KIND_MOE_VL,
+    MOE_SIZES,
+    MTP_TENSORS,
+    TEXT_SIZES,
+)
 from tests.multirank import run_multirank
 
 WEIGHTS = "model.safetensors"
@@ -79,13 +86,17 @@ def test_invalid_json_config(tmp_path: Path) -> None:
 
 
 def test_unsupported_model_type(tmp_path: Path) -> None:
-    directory = _write_config(tmp_path, json.dumps(dict(TEXT_SIZES, **DENSE_SIZES, model_type="qwen3")))
+    directory = _write_config(
+        tmp_path, json.dumps(dict(TEXT_SIZES, **DENSE_SIZES, model_type="qwen3"))
+    )
     with pytest.raises(CheckpointError) as info:
         Qwen35Spec.from_hf_dir(directory)
     message = str(info.value)
     assert str(directory / "config.json") in message
     assert "unsupported model_type 'qwen3'" in message
-    assert all(name in message for name in ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text"))
+    assert all(
+        name in message for name in ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text")
+    )
 
 
 # --------------------------------------------------------------------------- parallel sizes
@@ -184,7 +195,9 @@ def _truncate(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def broken(checkpoints: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def broken(
+    checkpoints: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """Copies of the tiny dense checkpoint, each broken in one way, by case name."""
     root = tmp_path_factory.mktemp("broken_checkpoints")
     dense = checkpoints[KIND_DENSE]
@@ -196,7 +209,9 @@ def broken(checkpoints: dict[str, str], tmp_path_factory: pytest.TempPathFactory
         tensors[UNKNOWN_TENSOR] = tensors[RESHAPED_TENSOR].clone()
 
     return {
-        "missing_tensor": _edit_tensors(_copy(dense, root, "missing"), lambda t: t.pop(MISSING_TENSOR)),
+        "missing_tensor": _edit_tensors(
+            _copy(dense, root, "missing"), lambda t: t.pop(MISSING_TENSOR)
+        ),
         "wrong_shape": _edit_tensors(_copy(dense, root, "wrong_shape"), reshape),
         "config_hidden_size": _edit_config(_copy(dense, root, "hidden"), hidden_size=32),
         "truncated": _truncate(_copy(dense, root, "truncated")),
@@ -234,7 +249,10 @@ def test_config_that_does_not_match_the_weights(outcomes: dict, broken: dict) ->
     """hidden_size 64 -> 32 in config.json: the first tensor checked reports both shapes."""
     message = _failure(outcomes["config_hidden_size"])
     assert str(broken["config_hidden_size"]) in message
-    match = re.search(r"tensor '(model\.[\w.]+)' has shape \[([\d, ]+)\] but config.json implies \[([\d, ]+)\]", message)
+    match = re.search(
+        r"tensor '(model\.[\w.]+)' has shape \[([\d, ]+)\] but config.json implies \[([\d, ]+)\]",
+        message,
+    )
     assert match is not None, message
     on_disk, implied = match.group(2).split(", "), match.group(3).split(", ")
     assert "64" in on_disk and "32" in implied and "64" not in implied

@@ -19,7 +19,6 @@ from hydra.errors import ConfigCompositionException
 
 from lora_trainer.data.pipeline import SourceSpec
 from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
-from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.errors import (
     CheckpointError,
     ConfigError,
@@ -27,14 +26,15 @@ from lora_trainer.errors import (
     LoraTrainerError,
     ParallelConfigError,
 )
+from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.lora import config as lora_config
 from lora_trainer.lora.config import LoraConfigError
 from lora_trainer.qwen35 import tiny
 from lora_trainer.qwen35.tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
 from lora_trainer.training import choices
+from lora_trainer.training.checkpoints import write_state_manifest
 from lora_trainer.training.config import ExportSection, LoggerSection, ModelConfig, TrainConfig
 from lora_trainer.training.hydra_schema import config_keys, register_schema, to_train_config
-from lora_trainer.training.checkpoints import write_state_manifest
 from lora_trainer.training.launch import is_relaunched_rank
 from lora_trainer.training.resume import run_settings
 from lora_trainer.training.validate import is_complete_save, resolve_run, validate_config
@@ -78,7 +78,9 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
     return path
 
 
-GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+GOOD_LINE = json.dumps(
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+)
 
 
 # ---------------------------------------------------------------------------------- composition
@@ -88,7 +90,12 @@ def test_default_is_the_embedded_tiny_moe_run() -> None:
     config = compose_config()
     assert isinstance(config, TrainConfig)
     assert (config.model.hf_path, config.model.tiny) == (None, "moe")
-    assert (config.parallel.tp, config.parallel.pp, config.parallel.ep, config.parallel.sp) == (1, 1, 2, False)
+    assert (config.parallel.tp, config.parallel.pp, config.parallel.ep, config.parallel.sp) == (
+        1,
+        1,
+        2,
+        False,
+    )
     assert (config.trainer.devices, config.trainer.num_nodes) == (2, 1)
     assert config.trainer.max_steps == 40
     assert (config.trainer.global_batch_size, config.trainer.micro_batch_size) == (8, 2)
@@ -108,7 +115,8 @@ def test_no_overrides_compose_to_train_config_defaults() -> None:
         for section in fields(TrainConfig)
         if hasattr(getattr(default, section.name), "__dataclass_fields__")
         for key in fields(getattr(default, section.name))
-        if getattr(getattr(composed, section.name), key.name) != getattr(getattr(default, section.name), key.name)
+        if getattr(getattr(composed, section.name), key.name)
+        != getattr(getattr(default, section.name), key.name)
     ]
     differences += [
         f"{key.name}: conf {getattr(composed, key.name)!r} != TrainConfig() {getattr(default, key.name)!r}"
@@ -122,7 +130,10 @@ def test_no_overrides_compose_to_train_config_defaults() -> None:
 
 def test_the_demo_layout_belongs_to_the_demo_preset_only() -> None:
     """Only model=tiny_moe (the default) splits experts over 2 ranks; every other model starts at ep=1, 1 device."""
-    for overrides in (["model=tiny_dense"], *[[f"model={p}", "model.hf_path=/models/q"] for p in PRESETS]):
+    for overrides in (
+        ["model=tiny_dense"],
+        *[[f"model={p}", "model.hf_path=/models/q"] for p in PRESETS],
+    ):
         config = compose_config(*overrides)
         assert (config.parallel.ep, config.trainer.devices) == (1, 1), overrides
     assert config.parallel == replace(TrainConfig().parallel, ep=1)
@@ -139,20 +150,34 @@ def test_every_layout_fits_its_ranks(layout: str) -> None:
 
 
 def test_published_layouts_are_selectable() -> None:
-    config = compose_config("model=qwen3_5_35b_a3b", "model.hf_path=/models/q", "layout=qwen3_5_35b_a3b_8gpu")
+    config = compose_config(
+        "model=qwen3_5_35b_a3b", "model.hf_path=/models/q", "layout=qwen3_5_35b_a3b_8gpu"
+    )
     assert (config.parallel.ep, config.parallel.tp, config.trainer.devices) == (8, 1, 8)
-    config = compose_config("model=qwen3_5_397b_a17b", "model.hf_path=/m", "layout=qwen3_5_397b_a17b_4x8gpu")
-    assert (config.parallel.pp, config.parallel.ep, config.trainer.devices, config.trainer.num_nodes) == (4, 8, 8, 4)
+    config = compose_config(
+        "model=qwen3_5_397b_a17b", "model.hf_path=/m", "layout=qwen3_5_397b_a17b_4x8gpu"
+    )
+    assert (
+        config.parallel.pp,
+        config.parallel.ep,
+        config.trainer.devices,
+        config.trainer.num_nodes,
+    ) == (4, 8, 8, 4)
     config = compose_config("model=qwen3_5_27b", "model.hf_path=/m", "layout=qwen3_5_27b_8gpu_tp4")
     assert (config.parallel.tp, config.parallel.sp, config.parallel.ep) == (4, True, 1)
-    suggested = {preset: re.findall(r"layout=(\w+)", (CONF_DIR / "model" / f"{preset}.yaml").read_text()) for preset in PRESETS}
+    suggested = {
+        preset: re.findall(r"layout=(\w+)", (CONF_DIR / "model" / f"{preset}.yaml").read_text())
+        for preset in PRESETS
+    }
     assert all(names and set(names) <= set(LAYOUTS) for names in suggested.values()), suggested
     assert set(LAYOUTS) == {name for names in suggested.values() for name in names}
 
 
 def test_hydra_keeps_the_working_directory_and_writes_under_output_dir() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="train", overrides=["output_dir=/runs/a"], return_hydra_config=True)
+        cfg = compose(
+            config_name="train", overrides=["output_dir=/runs/a"], return_hydra_config=True
+        )
     assert cfg.hydra.job.chdir is False
     assert cfg.hydra.run.dir.startswith("/runs/a/hydra/")
 
@@ -197,14 +222,18 @@ OVERRIDES: list[tuple[str, str, object]] = [
 
 
 @pytest.mark.parametrize(("override", "key", "expected"), OVERRIDES, ids=[o[0] for o in OVERRIDES])
-def test_every_public_key_lands_in_the_train_config(override: str, key: str, expected: object) -> None:
+def test_every_public_key_lands_in_the_train_config(
+    override: str, key: str, expected: object
+) -> None:
     value: object = compose_config(override)
     for part in key.split("."):
         value = getattr(value, part)
     assert value == expected
 
 
-@pytest.mark.parametrize("override", ["trainer.max_step=3", "trainer.max_steps=abc", "logger=nope", "lora.rank=4"])
+@pytest.mark.parametrize(
+    "override", ["trainer.max_step=3", "trainer.max_steps=abc", "logger=nope", "lora.rank=4"]
+)
 def test_a_wrong_key_or_value_fails_in_hydra(override: str) -> None:
     with pytest.raises(ConfigCompositionException):
         compose_config(override)
@@ -212,7 +241,11 @@ def test_a_wrong_key_or_value_fails_in_hydra(override: str) -> None:
 
 @pytest.mark.parametrize(
     ("override", "nearest"),
-    [("+trainer.max_step=3", "trainer.max_steps"), ("+lora.rank=4", "lora.r"), ("++optim.warmup=1", "optim.warmup_steps")],
+    [
+        ("+trainer.max_step=3", "trainer.max_steps"),
+        ("+lora.rank=4", "lora.r"),
+        ("++optim.warmup=1", "optim.warmup_steps"),
+    ],
 )
 def test_an_added_unknown_key_fails_naming_the_nearest(override: str, nearest: str) -> None:
     key = override.lstrip("+").split("=")[0]
@@ -231,7 +264,9 @@ CLOSED_SETS: list[tuple[str, str]] = [
 
 
 @pytest.mark.parametrize(("override", "choices"), CLOSED_SETS, ids=[c[0] for c in CLOSED_SETS])
-def test_hydra_rejects_a_value_outside_a_closed_set_naming_the_choices(override: str, choices: str) -> None:
+def test_hydra_rejects_a_value_outside_a_closed_set_naming_the_choices(
+    override: str, choices: str
+) -> None:
     with pytest.raises(ConfigCompositionException) as caught:
         compose_config(override)
     assert f"expected one of {choices}" in str(caught.value.__cause__)
@@ -282,8 +317,16 @@ ERROR_CASES: list[tuple[list[str], type[LoraTrainerError], str]] = [
     (["model.tiny=null"], ConfigError, "model.hf_path"),
     (["export.check_memory_gb=0"], ConfigError, "export.check_memory_gb"),
     (["model.hf_path=/nonexistent/model"], CheckpointError, "model.hf_path"),
-    (["parallel.tp=4", "parallel.ep=1", "parallel.sp=true", "trainer.devices=4"], ParallelConfigError, "parallel.tp"),
-    (["parallel.tp=2", "parallel.ep=1", "trainer.devices=3"], ParallelConfigError, "dp would be 3/2"),
+    (
+        ["parallel.tp=4", "parallel.ep=1", "parallel.sp=true", "trainer.devices=4"],
+        ParallelConfigError,
+        "parallel.tp",
+    ),
+    (
+        ["parallel.tp=2", "parallel.ep=1", "trainer.devices=3"],
+        ParallelConfigError,
+        "dp would be 3/2",
+    ),
     (["trainer.devices=3"], ParallelConfigError, "parallel."),
     (["parallel.sp=true"], ParallelConfigError, "sp=true"),
     (["parallel.tp=2", "parallel.ep=1"], ParallelConfigError, "parallel.sp=true"),
@@ -303,21 +346,45 @@ ERROR_CASES: list[tuple[list[str], type[LoraTrainerError], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "error", "key"), ERROR_CASES, ids=[" ".join(c[0]) for c in ERROR_CASES])
-def test_validate_config_names_the_key(config_with, overrides: list[str], error: type, key: str) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "error", "key"), ERROR_CASES, ids=[" ".join(c[0]) for c in ERROR_CASES]
+)
+def test_validate_config_names_the_key(
+    config_with, overrides: list[str], error: type, key: str
+) -> None:
     with pytest.raises(error, match=key.replace(".", r"\.").replace("*", r"\*")):
         validate_config(config_with(*overrides))
 
 
 LIBRARY_CHECKS: list[tuple[dict[str, object], type[LoraTrainerError], str]] = [
-    ({"export": ExportSection(profile="packed")}, ConfigError, "export.profile='packed' is unknown; use one of peft, per_expert"),
-    ({"logger": LoggerSection(kind="tensorboard")}, ConfigError, "logger.kind='tensorboard' is unknown"),
-    ({"model": ModelConfig(tiny="moe", dtype="fp8")}, ConfigError, "model.dtype='fp8' is unknown; use one of auto, float32, bfloat16"),
-    ({"model": ModelConfig(tiny="large")}, ConfigError, "model.tiny='large' is not a tiny model kind"),
+    (
+        {"export": ExportSection(profile="packed")},
+        ConfigError,
+        "export.profile='packed' is unknown; use one of peft, per_expert",
+    ),
+    (
+        {"logger": LoggerSection(kind="tensorboard")},
+        ConfigError,
+        "logger.kind='tensorboard' is unknown",
+    ),
+    (
+        {"model": ModelConfig(tiny="moe", dtype="fp8")},
+        ConfigError,
+        "model.dtype='fp8' is unknown; use one of auto, float32, bfloat16",
+    ),
+    (
+        {"model": ModelConfig(tiny="large")},
+        ConfigError,
+        "model.tiny='large' is not a tiny model kind",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("changes", "error", "message"), LIBRARY_CHECKS, ids=[c[2].split("=")[0] for c in LIBRARY_CHECKS])
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    LIBRARY_CHECKS,
+    ids=[c[2].split("=")[0] for c in LIBRARY_CHECKS],
+)
 def test_a_train_config_built_in_python_is_still_checked(
     changes: dict[str, object], error: type, message: str, tiny_cache: Path, tmp_path: Path
 ) -> None:
@@ -331,9 +398,15 @@ def test_a_train_config_built_in_python_is_still_checked(
 
 
 @pytest.mark.parametrize("kind", ["tiny", "hf_path"])
-def test_expert_parallelism_does_not_constrain_a_dense_model(config_with, tiny_cache: Path, kind: str) -> None:
+def test_expert_parallelism_does_not_constrain_a_dense_model(
+    config_with, tiny_cache: Path, kind: str
+) -> None:
     """`model.hf_path=DENSE parallel.pp=2 trainer.devices=2` fits, on the demo preset (ep=2) too."""
-    model = "model=tiny_dense" if kind == "tiny" else f"model.hf_path={tiny_checkpoint_path('dense', tiny_cache)}"
+    model = (
+        "model=tiny_dense"
+        if kind == "tiny"
+        else f"model.hf_path={tiny_checkpoint_path('dense', tiny_cache)}"
+    )
     config = config_with(model, "parallel.pp=2", "trainer.devices=2")
     assert config.parallel.ep == (1 if kind == "tiny" else 2)
     run = validate_config(config)
@@ -357,7 +430,10 @@ def test_unreadable_and_bad_data_files(config_with, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data\.train_path.*bad\.jsonl:2"):
         validate_config(config_with(f"data.train_path={bad}"))
     good = write_jsonl(tmp_path / "good.jsonl", [GOOD_LINE])
-    no_assistant = write_jsonl(tmp_path / "val.jsonl", [GOOD_LINE, json.dumps({"messages": [{"role": "user", "content": "x"}]})])
+    no_assistant = write_jsonl(
+        tmp_path / "val.jsonl",
+        [GOOD_LINE, json.dumps({"messages": [{"role": "user", "content": "x"}]})],
+    )
     with pytest.raises(DataError, match=r"data\.val_path.*val\.jsonl:2"):
         validate_config(config_with(f"data.train_path={good}", f"data.val_path={no_assistant}"))
     run = validate_config(config_with(f"data.train_path={good}", f"data.val_path={good}"))
@@ -371,7 +447,9 @@ def make_save(directory: Path, config: TrainConfig, complete: bool = True) -> Pa
     for rank in range(2):
         torch.save({}, state / f"rank-{rank:05d}.pt")
     run = resolve_run(config)
-    write_state_manifest(state, step=1, world_size=2, settings=run_settings(config, run.hf_path, 2, run.parallel))
+    write_state_manifest(
+        state, step=1, world_size=2, settings=run_settings(config, run.hf_path, 2, run.parallel)
+    )
     if complete:
         (directory / "export_manifest.json").write_text('{"files": {}, "sizes_bytes": {}}')
     return directory
@@ -387,7 +465,10 @@ def test_resume_latest_picks_the_newest_complete_save(config_with, tmp_path: Pat
     make_save(checkpoints / "step-30", config_with(), complete=False)
     make_save(checkpoints / "step-40-old", config_with())
     assert validate_config(config_with("resume=latest")).resume_path == checkpoints / "step-20"
-    assert validate_config(config_with(f"resume={checkpoints / 'step-5'}")).resume_path == checkpoints / "step-5"
+    assert (
+        validate_config(config_with(f"resume={checkpoints / 'step-5'}")).resume_path
+        == checkpoints / "step-5"
+    )
     assert not is_complete_save(checkpoints / "step-30")
     with pytest.raises(CheckpointError, match=r"resume=.*not an intact save"):
         validate_config(config_with(f"resume={checkpoints / 'step-30'}"))
@@ -411,21 +492,36 @@ def test_tiny_checkpoint_loads_with_transformers(tiny_cache: Path, kind: str, mo
     path = ensure_tiny_checkpoint(kind, tiny_cache)  # type: ignore[arg-type]
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    expected = transformers.Qwen3_5MoeForCausalLM if kind == "moe" else transformers.Qwen3_5ForCausalLM
+    expected = (
+        transformers.Qwen3_5MoeForCausalLM if kind == "moe" else transformers.Qwen3_5ForCausalLM
+    )
     assert type(model) is expected
     assert len(tokenizer) == model.config.vocab_size == 512
-    assert model.config.layer_types.count("linear_attention") == model.config.layer_types.count("full_attention") == 2
-    messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5."}]
-    ids = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)["input_ids"]
+    assert (
+        model.config.layer_types.count("linear_attention")
+        == model.config.layer_types.count("full_attention")
+        == 2
+    )
+    messages = [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5."},
+    ]
+    ids = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
     assert torch.isfinite(loss) and 4.0 < loss.item() < 12.0
 
-    monkeypatch.setattr(tiny, "_build", lambda *args: pytest.fail("a cached checkpoint was rebuilt"))
+    monkeypatch.setattr(
+        tiny, "_build", lambda *args: pytest.fail("a cached checkpoint was rebuilt")
+    )
     assert ensure_tiny_checkpoint(kind, tiny_cache) == path  # type: ignore[arg-type]
 
 
-def test_tiny_checkpoint_is_deterministic_and_keyed_by_recipe(tiny_cache: Path, tmp_path: Path, monkeypatch) -> None:
+def test_tiny_checkpoint_is_deterministic_and_keyed_by_recipe(
+    tiny_cache: Path, tmp_path: Path, monkeypatch
+) -> None:
     again = ensure_tiny_checkpoint("moe", tmp_path)
     first = tiny_checkpoint_path("moe", tiny_cache)
     assert again.name == first.name
@@ -473,7 +569,9 @@ def test_train_py_preset_without_hf_path_fails_before_ranks_start(tmp_path: Path
     assert not (tmp_path / ".cache").exists()
 
 
-def test_train_py_bad_data_line_is_one_line_with_file_and_line(tmp_path: Path, tiny_cache: Path) -> None:
+def test_train_py_bad_data_line_is_one_line_with_file_and_line(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD_LINE, GOOD_LINE, "not json"])
     result = run_train(tmp_path, f"model.tiny_cache_dir={tiny_cache}", f"data.train_path={bad}")
     assert result.returncode == 2, result.stderr
@@ -483,20 +581,34 @@ def test_train_py_bad_data_line_is_one_line_with_file_and_line(tmp_path: Path, t
 
 
 COMMAND_LINE_ERRORS: list[tuple[list[str], str]] = [
-    (["+trainer.max_step=3"], "trainer.max_step is not a config key (with or without +); did you mean trainer.max_steps?"),
-    (["trainer.max_step=3"], "trainer.max_step is not a config key (with or without +); did you mean trainer.max_steps?"),
+    (
+        ["+trainer.max_step=3"],
+        "trainer.max_step is not a config key (with or without +); did you mean trainer.max_steps?",
+    ),
+    (
+        ["trainer.max_step=3"],
+        "trainer.max_step is not a config key (with or without +); did you mean trainer.max_steps?",
+    ),
     (["-m", "parallel.ep=2,1"], "-m/--multirun: Hydra sweeps are not supported"),
     (["parallel.ep=2,1"], "parallel.ep=2,1 sweeps over several values"),
     (["export.profile=packed"], "Invalid value 'packed', expected one of [peft, per_expert]"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "message"), COMMAND_LINE_ERRORS, ids=[" ".join(c[0]) for c in COMMAND_LINE_ERRORS])
-def test_train_py_refuses_before_hydra_runs(tmp_path: Path, overrides: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "message"), COMMAND_LINE_ERRORS, ids=[" ".join(c[0]) for c in COMMAND_LINE_ERRORS]
+)
+def test_train_py_refuses_before_hydra_runs(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
     result = run_train(tmp_path, *overrides)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.stderr.splitlines() == [
+        line for line in result.stderr.splitlines() if line.startswith("error:")
+    ]
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr
     if "multirun" in message or "sweeps" in message:
-        assert "one `python train.py` per setting" in result.stderr and "output_dir" in result.stderr
+        assert (
+            "one `python train.py` per setting" in result.stderr and "output_dir" in result.stderr
+        )
     assert result.stdout == "" and not (tmp_path / "out").exists()

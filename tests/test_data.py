@@ -114,20 +114,49 @@ BAD_ROWS = [
     ({"prompt": "2 + 2 ="}, '"completion" must be a string, got nothing'),
     ({"prompt": "2 + 2 =", "completion": 4}, '"completion" must be a string, got int'),
     (
-        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
-          "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}],
+                },
+            ]
+        },
         "messages[1].tool_calls[0].arguments is a string but not valid JSON",
     ),
     (
-        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
-          "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]},
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}],
+                },
+            ]
+        },
         "messages[1].tool_calls[0].arguments must be a JSON dict, got list",
     ),
     ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0].from is 'bot'"),
-    ({"messages": [], "images": ["a.png"]}, 'has "images": image and video training is not supported'),
     (
-        {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
-          {"type": "text", "text": "what?"}]}, {"role": "assistant", "content": "cat"}]},
+        {"messages": [], "images": ["a.png"]},
+        'has "images": image and video training is not supported',
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "a.png"},
+                        {"type": "text", "text": "what?"},
+                    ],
+                },
+                {"role": "assistant", "content": "cat"},
+            ]
+        },
         "messages[0].content[0] is an image part",
     ),
     ({"messages": [{"role": "user", "content": "x"}], "videos": ["v.mp4"]}, 'has "videos"'),
@@ -146,9 +175,24 @@ def test_openai_sharegpt_and_custom_columns_normalize_alike() -> None:
     openai = {
         "messages": [
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
-            {"role": "assistant", "content": None, "reasoning_content": None,
-             "tool_calls": [{"type": "function", "function": {**call, "arguments": json.dumps({"city": "Paris"})}}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Weather "},
+                    {"type": "text", "text": "in Paris?"},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "reasoning_content": None,
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "function": {**call, "arguments": json.dumps({"city": "Paris"})},
+                    }
+                ],
+            },
             {"role": "tool", "content": "sunny", "name": "get_weather"},
             {"role": "assistant", "content": "Sunny."},
         ],
@@ -170,15 +214,30 @@ def test_openai_sharegpt_and_custom_columns_normalize_alike() -> None:
     assert a.messages[2] == {
         "role": "assistant",
         "content": "",
-        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            }
+        ],
     }
-    assert [m["content"] for m in a.messages] == ["Be brief.", "Weather in Paris?", "", "sunny", "Sunny."]
+    assert [m["content"] for m in a.messages] == [
+        "Be brief.",
+        "Weather in Paris?",
+        "",
+        "sunny",
+        "Sunny.",
+    ]
     assert a.messages[3] == {"role": "tool", "content": "sunny", "name": "get_weather"}
     assert a.messages[:3] + a.messages[4:] == b.messages[:3] + b.messages[4:]
     assert b.messages[3] == {"role": "tool", "content": "sunny"}
     renamed = {"chat": openai["messages"], "functions": openai["tools"]}
-    assert parse_record(renamed, Columns.from_mapping({"messages": "chat", "tools": "functions"})) == a
-    pc = parse_record({"instruction": "1+1=", "output": "2"}, Columns(prompt="instruction", completion="output"))
+    assert (
+        parse_record(renamed, Columns.from_mapping({"messages": "chat", "tools": "functions"})) == a
+    )
+    pc = parse_record(
+        {"instruction": "1+1=", "output": "2"}, Columns(prompt="instruction", completion="output")
+    )
     assert pc == PromptCompletionSample("1+1=", "2")
     with pytest.raises(ValueError, match="unknown data.columns key"):
         Columns.from_mapping({"message": "chat"})
@@ -204,8 +263,17 @@ def test_tiny_tokenizer_loads_round_trips_and_is_deterministic(
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     assert len(tok) == 512
-    added = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>",
-             "</tool_call>", "<tool_response>", "</tool_response>"]
+    added = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<think>",
+        "</think>",
+        "<tool_call>",
+        "</tool_call>",
+        "<tool_response>",
+        "</tool_response>",
+    ]
     assert tok.convert_tokens_to_ids(added) == list(range(503, 512))
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     for text in ("What is 12 + 7?", "  two  spaces\n\nand newlines\t", "Grüße, 東京! 🙂", ""):
@@ -225,7 +293,10 @@ def test_tiny_tokenizer_loads_round_trips_and_is_deterministic(
     )
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
     no_think = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        [{"role": "user", "content": "hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
     )
     assert no_think.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert tok("<|im_start|>user", add_special_tokens=False)["input_ids"][0] == 504
@@ -254,7 +325,9 @@ def test_chat_loss_mask_trains_exactly_the_assistant_turns(tokenizer) -> None:
         assert len(tokenized.input_ids) == len(tokenized.loss_mask)
         rendered = tokenizer.apply_chat_template(list(sample.messages), tokenize=False)
         assert tokenizer.decode(tokenized.input_ids) == rendered
-        expected = [f"{m['content']}<|im_end|>\n" for m in sample.messages if m["role"] == "assistant"]
+        expected = [
+            f"{m['content']}<|im_end|>\n" for m in sample.messages if m["role"] == "assistant"
+        ]
         assert trained_runs(tokenizer, tokenized) == expected
         last = tokenize(tokenizer, sample, train_on="last_assistant")
         assert last.input_ids == tokenized.input_ids
@@ -270,13 +343,22 @@ TOOL_CHAT = {
             "content": "Let me check.",
             "reasoning_content": "Two cities, two calls.",
             "tool_calls": [
-                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}},
-                {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome", "days": 1}'}},
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}},
+                },
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Rome", "days": 1}'},
+                },
             ],
         },
         {"role": "tool", "content": "sunny"},
         {"role": "tool", "content": "rain"},
-        {"role": "assistant", "content": "<think>\nBoth known.\n</think>\n\nParis: sunny. Rome: rain."},
+        {
+            "role": "assistant",
+            "content": "<think>\nBoth known.\n</think>\n\nParis: sunny. Rome: rain.",
+        },
     ],
     "tools": TOOLS,
 }
@@ -297,40 +379,63 @@ def test_tool_call_and_thinking_masks_match_the_template_rendering(tokenizer) ->
     second = "Both known.\n</think>\n\nParis: sunny. Rome: rain.<|im_end|>\n"
     assert rendered.count("<|im_start|>assistant\n<think>\n" + first) == 1
     assert rendered.endswith("<|im_start|>assistant\n<think>\n" + second)
-    assert "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response>" in rendered
+    assert (
+        "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response>"
+        in rendered
+    )
     tokenized = tokenize(tokenizer, sample)
     assert tokenizer.decode(tokenized.input_ids) == rendered
     assert trained_runs(tokenizer, tokenized) == [first, second]
-    assert trained_runs(tokenizer, tokenize(tokenizer, sample, train_on="last_assistant")) == [second]
+    assert trained_runs(tokenizer, tokenize(tokenizer, sample, train_on="last_assistant")) == [
+        second
+    ]
 
     # the same reasoning given as reasoning_content or as a <think> block renders the same tokens
     as_field = json.loads(json.dumps(TOOL_CHAT))
-    as_field["messages"][-1] = {"role": "assistant", "content": "Paris: sunny. Rome: rain.", "reasoning_content": "Both known."}
+    as_field["messages"][-1] = {
+        "role": "assistant",
+        "content": "Paris: sunny. Rome: rain.",
+        "reasoning_content": "Both known.",
+    }
     assert tokenize(tokenizer, parse_record(as_field)) == tokenized
 
     # enable_thinking=false: the empty think block of the generation prompt is not trained either
-    plain = parse_record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    plain = parse_record(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
     for thinking in (True, False):
-        assert trained_runs(tokenizer, tokenize(tokenizer, plain, enable_thinking=thinking)) == ["yo<|im_end|>\n"]
+        assert trained_runs(tokenizer, tokenize(tokenizer, plain, enable_thinking=thinking)) == [
+            "yo<|im_end|>\n"
+        ]
 
 
 def test_earlier_turns_are_masked_as_the_template_renders_them(tokenizer) -> None:
     """Qwen3.5 drops the reasoning of turns before the last user query: they train without it."""
-    sample = parse_record({"messages": [
-        {"role": "user", "content": "2 + 3?"},
-        {"role": "assistant", "content": "5.", "reasoning_content": "add"},
-        {"role": "user", "content": "Twice that?"},
-        {"role": "assistant", "content": "10.", "reasoning_content": "double"},
-    ]})
+    sample = parse_record(
+        {
+            "messages": [
+                {"role": "user", "content": "2 + 3?"},
+                {"role": "assistant", "content": "5.", "reasoning_content": "add"},
+                {"role": "user", "content": "Twice that?"},
+                {"role": "assistant", "content": "10.", "reasoning_content": "double"},
+            ]
+        }
+    )
     tokenized = tokenize(tokenizer, sample)
     rendered = tokenizer.apply_chat_template([dict(m) for m in sample.messages], tokenize=False)
     assert "add" not in rendered and tokenizer.decode(tokenized.input_ids) == rendered
-    assert trained_runs(tokenizer, tokenized) == ["5.<|im_end|>\n", "double\n</think>\n\n10.<|im_end|>\n"]
+    assert trained_runs(tokenizer, tokenized) == [
+        "5.<|im_end|>\n",
+        "double\n</think>\n\n10.<|im_end|>\n",
+    ]
 
 
 def test_template_markup_in_a_message_is_refused(tokenizer) -> None:
     sample = ChatSample(
-        ({"role": "user", "content": "say <|im_start|>assistant\nhi"}, {"role": "assistant", "content": "no"}),
+        (
+            {"role": "user", "content": "say <|im_start|>assistant\nhi"},
+            {"role": "assistant", "content": "no"},
+        ),
         location="x.jsonl:4",
     )
     with pytest.raises(DataError, match=r"x.jsonl:4: .*2 times for 1 assistant turns"):
@@ -525,16 +630,16 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _datamodule(tokenizer_dir: Path, rank: int, **kwargs: object) -> SFTDataModule:
-    args: dict[str, object] = dict(
-        model_dir=tokenizer_dir,
-        cache_dir=kwargs.pop("cache_dir"),
-        max_seq_len=96,
-        micro_batch_size=2,
-        global_batch_size=8,
-        seed=5,
-        dp_rank=rank,
-        dp_size=2,
-    )
+    args: dict[str, object] = {
+        "model_dir": tokenizer_dir,
+        "cache_dir": kwargs.pop("cache_dir"),
+        "max_seq_len": 96,
+        "micro_batch_size": 2,
+        "global_batch_size": 8,
+        "seed": 5,
+        "dp_rank": rank,
+        "dp_size": 2,
+    }
     args.update(kwargs)
     return SFTDataModule(TINY_SFT_PATH, **args)
 
@@ -568,7 +673,9 @@ def test_datamodule_batches_shards_and_resume(tokenizer_dir: Path, cache_dir: Pa
 
 
 def test_datamodule_ranks_see_disjoint_rows(tokenizer_dir: Path, cache_dir: Path) -> None:
-    modules = [_datamodule(tokenizer_dir, rank=r, pack=False, cache_dir=cache_dir) for r in range(2)]
+    modules = [
+        _datamodule(tokenizer_dir, rank=r, pack=False, cache_dir=cache_dir) for r in range(2)
+    ]
     for dm in modules:
         dm.setup("fit")
     assert modules[0].val_dataloader() == []
@@ -618,14 +725,18 @@ def test_lightning_resume_mid_epoch_continues_the_same_batches(
             default_root_dir=tmp_path,
         )
         module = Recorder()
-        dm = _datamodule(tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4, cache_dir=cache_dir)
+        dm = _datamodule(
+            tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4, cache_dir=cache_dir
+        )
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         if save is not None:
             trainer.save_checkpoint(save)
         return module.seen
 
     ckpt = tmp_path / "step.ckpt"
-    probe = _datamodule(tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4, cache_dir=cache_dir)
+    probe = _datamodule(
+        tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4, cache_dir=cache_dir
+    )
     probe.setup("fit")
     per_epoch = len(probe.train_sampler)
     assert per_epoch >= 8

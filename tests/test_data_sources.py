@@ -36,7 +36,9 @@ def rows(n: int = 60) -> list[dict]:
                 "role": "assistant",
                 "content": None,
                 "reasoning_content": f"call {i}",
-                "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": args}}],
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": args}}
+                ],
             }
             record["messages"] += [
                 {"role": "tool", "content": f"sunny {i}"},
@@ -44,17 +46,34 @@ def rows(n: int = 60) -> list[dict]:
             ]
             record["tools"] = TOOLS
         elif i % 5 == 2:
-            call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "X"}}}
-            record["messages"][-1] = {"role": "assistant", "content": "Checking.", "tool_calls": [call]}
+            call = {
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "X"}},
+            }
+            record["messages"][-1] = {
+                "role": "assistant",
+                "content": "Checking.",
+                "tool_calls": [call],
+            }
             record["messages"].append({"role": "tool", "content": "rain"})
-            record["messages"].append({"role": "assistant", "content": "<think>\nok\n</think>\n\nRain."})
+            record["messages"].append(
+                {"role": "assistant", "content": "<think>\nok\n</think>\n\nRain."}
+            )
         elif i % 5 == 3:
-            turns = [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
-                     for m in record.pop("messages")]
+            turns = [
+                {
+                    "from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                    "value": m["content"],
+                }
+                for m in record.pop("messages")
+            ]
             record["conversations"] = turns
         elif i % 5 == 4:
             messages = record.pop("messages")
-            record["prompt"], record["completion"] = messages[-2]["content"], " " + messages[-1]["content"]
+            record["prompt"], record["completion"] = (
+                messages[-2]["content"],
+                " " + messages[-1]["content"],
+            )
         out.append(record)
     return out
 
@@ -73,7 +92,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def arrow(records: list[dict]) -> datasets.Dataset:
     """`records` as one Arrow table (columns a row lacks are null)."""
     keys = list(dict.fromkeys(key for record in records for key in record))
-    return datasets.Dataset.from_list([{key: record.get(key) for key in keys} for record in records])
+    return datasets.Dataset.from_list(
+        [{key: record.get(key) for key in keys} for record in records]
+    )
 
 
 def write_formats(root: Path, records: list[dict]) -> dict[str, Path]:
@@ -99,10 +120,14 @@ def write_formats(root: Path, records: list[dict]) -> dict[str, Path]:
 
 
 def module(path: object, tokenizer_dir: Path, cache: Path, **kwargs: object) -> SFTDataModule:
-    args: dict[str, object] = dict(
-        model_dir=tokenizer_dir, max_seq_len=160, micro_batch_size=2, global_batch_size=4,
-        cache_dir=cache, seed=3,
-    )
+    args: dict[str, object] = {
+        "model_dir": tokenizer_dir,
+        "max_seq_len": 160,
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "cache_dir": cache,
+        "seed": 3,
+    }
     args.update(kwargs)
     return SFTDataModule(path, **args)  # type: ignore[arg-type]
 
@@ -115,7 +140,9 @@ def all_rows(dm: SFTDataModule) -> list[tuple]:
     ]
 
 
-def test_same_rows_in_every_format_give_identical_batches(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_same_rows_in_every_format_give_identical_batches(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
     records = rows()
     paths = write_formats(tmp_path, records)
     reference = module(paths["jsonl"], tokenizer_dir, tmp_path / "cache")
@@ -179,7 +206,9 @@ def test_mixture_weights_counts_seed_and_resume(tokenizer_dir: Path, tmp_path: P
         assert got[ids] == 2
     assert sum(got[ids] for ids in counts(alone_b)) == 25
     assert all(got[ids] in (2, 3) for ids in counts(alone_b))
-    assert list(mixed["input_ids"]) == list(module(spec, tokenizer_dir, tmp_path / "cache").samples("data.train_path")["input_ids"])
+    assert list(mixed["input_ids"]) == list(
+        module(spec, tokenizer_dir, tmp_path / "cache").samples("data.train_path")["input_ids"]
+    )
     other_seed = module(spec, tokenizer_dir, tmp_path / "cache", seed=4).samples("data.train_path")
     assert list(other_seed["input_ids"]) != list(mixed["input_ids"])
 
@@ -214,16 +243,24 @@ def test_source_spec_errors() -> None:
 def tokenize(path: Path, tokenizer_dir: Path, cache: Path, **settings: object) -> tuple:
     args: dict[str, object] = {"max_seq_len": 160, **settings}
     return tokenize_source(
-        SourceSpec(path), model_dir=tokenizer_dir, settings=TokenizeSettings(**args),  # type: ignore[arg-type]
-        columns=Columns(), cache_dir=cache, key="data.train_path",
+        SourceSpec(path),
+        model_dir=tokenizer_dir,
+        settings=TokenizeSettings(**args),  # type: ignore[arg-type]
+        columns=Columns(),
+        cache_dir=cache,
+        key="data.train_path",
     )
 
 
 def test_bad_rows_name_source_row_and_field(tokenizer_dir: Path, tmp_path: Path) -> None:
     good = rows(3)
     jsonl = tmp_path / "bad.jsonl"
-    jsonl.write_text(json.dumps(good[0]) + "\n\n" + '{"messages": [{"role": "user", "content": 5}]}\n')
-    with pytest.raises(DataError, match=rf"data\.train_path: {jsonl}:3: messages\[0\]\.content must be a string"):
+    jsonl.write_text(
+        json.dumps(good[0]) + "\n\n" + '{"messages": [{"role": "user", "content": 5}]}\n'
+    )
+    with pytest.raises(
+        DataError, match=rf"data\.train_path: {jsonl}:3: messages\[0\]\.content must be a string"
+    ):
         tokenize(jsonl, tokenizer_dir, tmp_path / "cache")
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(good[0]) + "\n{oops\n")
@@ -235,20 +272,30 @@ def test_bad_rows_name_source_row_and_field(tokenizer_dir: Path, tmp_path: Path)
     arrow([good[0], {**good[0], "messages": [{"role": "user", "content": "x"}]}]).to_parquet(
         str(shards / "1.parquet")
     )
-    with pytest.raises(DataError, match=rf"{shards / '1.parquet'} row 1: \"messages\" has no assistant turn"):
+    with pytest.raises(
+        DataError, match=rf"{shards / '1.parquet'} row 1: \"messages\" has no assistant turn"
+    ):
         tokenize(shards, tokenizer_dir, tmp_path / "cache")
     images = write_jsonl(tmp_path / "images.jsonl", [good[0], {**good[0], "images": ["cat.png"]}])
-    with pytest.raises(DataError, match=rf"{images}:2: has \"images\": image and video training is not supported"):
+    with pytest.raises(
+        DataError, match=rf"{images}:2: has \"images\": image and video training is not supported"
+    ):
         tokenize(images, tokenizer_dir, tmp_path / "cache")
     columns = write_jsonl(tmp_path / "columns.jsonl", [{"instruction": "a", "output": "b"}])
-    with pytest.raises(DataError, match=r"columns.jsonl:1: is none of the supported formats: .*prompt.*data\.columns.*its columns: instruction, output"):
+    with pytest.raises(
+        DataError,
+        match=r"columns.jsonl:1: is none of the supported formats: .*prompt.*data\.columns.*its columns: instruction, output",
+    ):
         tokenize(columns, tokenizer_dir, tmp_path / "cache")
 
 
 def test_unknown_missing_and_empty_sources(tokenizer_dir: Path, tmp_path: Path) -> None:
     csv = tmp_path / "train.csv"
     csv.write_text("a,b\n")
-    with pytest.raises(DataError, match=r"data\.train_path: .*train\.csv: unknown data format '\.csv'; use a \.jsonl/\.json file, a \.parquet file"):
+    with pytest.raises(
+        DataError,
+        match=r"data\.train_path: .*train\.csv: unknown data format '\.csv'; use a \.jsonl/\.json file, a \.parquet file",
+    ):
         tokenize(csv, tokenizer_dir, tmp_path / "cache")
     with pytest.raises(DataError, match=r"nope\.jsonl does not exist"):
         tokenize(tmp_path / "nope.jsonl", tokenizer_dir, tmp_path / "cache")
@@ -267,7 +314,12 @@ def test_overlong_summary_line_truncate_and_error(
     tokenizer_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     records = tiny_sft_records(30)
-    records[4] = {"messages": [{"role": "user", "content": "Say long."}, {"role": "assistant", "content": "long " * 200}]}
+    records[4] = {
+        "messages": [
+            {"role": "user", "content": "Say long."},
+            {"role": "assistant", "content": "long " * 200},
+        ]
+    }
     records[9] = {"prompt": "word " * 200, "completion": " x"}
     path = write_jsonl(tmp_path / "train.jsonl", records)
     dm = module(path, tokenizer_dir, tmp_path / "cache", max_seq_len=96)
@@ -280,8 +332,13 @@ def test_overlong_summary_line_truncate_and_error(
     truncated = module(path, tokenizer_dir, tmp_path / "cache", max_seq_len=96, overlong="truncate")
     assert len(truncated.samples("data.train_path")) > len(kept)
     assert max(truncated.samples("data.train_path")["length"]) == 96
-    with pytest.raises(DataError, match=rf"data\.train_path: 2 of 30 samples .* longer than data\.max_seq_len=96 tokens: {path}:5, {path}:10.*data\.overlong=drop"):
-        module(path, tokenizer_dir, tmp_path / "cache", max_seq_len=96, overlong="error").samples("data.train_path")
+    with pytest.raises(
+        DataError,
+        match=rf"data\.train_path: 2 of 30 samples .* longer than data\.max_seq_len=96 tokens: {path}:5, {path}:10.*data\.overlong=drop",
+    ):
+        module(path, tokenizer_dir, tmp_path / "cache", max_seq_len=96, overlong="error").samples(
+            "data.train_path"
+        )
 
 
 def test_missing_chat_template_is_a_tokenizer_error(tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -305,15 +362,27 @@ def test_parallel_tokenization_equals_serial_and_reports_bad_rows(
     serial, _ = tokenize(path, tokenizer_dir, tmp_path / "serial")
     monkeypatch.setattr(pipeline, "ROWS_PER_PROCESS", 8)
     parallel, summary = tokenize_source(
-        SourceSpec(path), model_dir=tokenizer_dir, settings=TokenizeSettings(160),
-        columns=Columns(), cache_dir=tmp_path / "parallel", key="data.train_path", num_proc=2,
+        SourceSpec(path),
+        model_dir=tokenizer_dir,
+        settings=TokenizeSettings(160),
+        columns=Columns(),
+        cache_dir=tmp_path / "parallel",
+        key="data.train_path",
+        num_proc=2,
     )
     assert summary.rows == 24 and parallel["input_ids"][:] == serial["input_ids"][:]
-    bad = write_jsonl(tmp_path / "bad.jsonl", rows(20) + [{"messages": [{"role": "user", "content": "x"}]}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [*rows(20), {"messages": [{"role": "user", "content": "x"}]}]
+    )
     with pytest.raises(DataError, match=rf"{bad}:21: \"messages\" has no assistant turn"):
         tokenize_source(
-            SourceSpec(bad), model_dir=tokenizer_dir, settings=TokenizeSettings(160),
-            columns=Columns(), cache_dir=tmp_path / "parallel", key="data.train_path", num_proc=2,
+            SourceSpec(bad),
+            model_dir=tokenizer_dir,
+            settings=TokenizeSettings(160),
+            columns=Columns(),
+            cache_dir=tmp_path / "parallel",
+            key="data.train_path",
+            num_proc=2,
         )
 
 
@@ -335,14 +404,33 @@ def test_training_on_jsonl_and_on_a_datasets_folder_gives_the_same_adapter(tmp_p
         env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
         env.update(TORCHDYNAMO_DISABLE="1", HOME=str(out))
         run = subprocess.run(
-            [sys.executable, "train.py", f"output_dir={out}", f"data.train_path={path}",
-             f"data.cache_dir={tmp_path / 'cache'}", "data.max_seq_len=128", "trainer.max_steps=2",
-             "trainer.global_batch_size=4", "trainer.micro_batch_size=1", "checkpoint.every_n_steps=2",
-             "export.merged=false", "logger=none", f"model.tiny_cache_dir={repo / '.cache' / 'tiny_models'}"],
-            cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "train.py",
+                f"output_dir={out}",
+                f"data.train_path={path}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "data.max_seq_len=128",
+                "trainer.max_steps=2",
+                "trainer.global_batch_size=4",
+                "trainer.micro_batch_size=1",
+                "checkpoint.every_n_steps=2",
+                "export.merged=false",
+                "logger=none",
+                f"model.tiny_cache_dir={repo / '.cache' / 'tiny_models'}",
+            ],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-        adapters.append(load_file(str(out / "checkpoints" / "step-2" / "hf_adapter" / "adapter_model.safetensors")))
+        adapters.append(
+            load_file(
+                str(out / "checkpoints" / "step-2" / "hf_adapter" / "adapter_model.safetensors")
+            )
+        )
     assert sorted(adapters[0]) == sorted(adapters[1])
     assert any(t.abs().sum() > 0 for k, t in adapters[0].items() if "lora_B" in k)
     for key, tensor in adapters[0].items():

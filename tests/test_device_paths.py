@@ -31,7 +31,9 @@ def device_checks(checkpoints: dict[str, str]) -> dict[str, Any]:
     return run_multirank(run_device_context_checks, 1, checkpoints[KIND_MOE_VL])[0]
 
 
-def test_lora_built_under_a_device_context_is_the_lora_built_without(device_checks: dict[str, Any]) -> None:
+def test_lora_built_under_a_device_context_is_the_lora_built_without(
+    device_checks: dict[str, Any],
+) -> None:
     plain, in_context = device_checks["plain"], device_checks["in_context"]
     assert plain.keys() == in_context.keys() and len(plain) > 10
     assert any(perm is not None for _, perm in plain.values())
@@ -70,7 +72,9 @@ def test_global_loss_reduces_on_the_module_device(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(training_module.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(training_module.dist, "all_reduce", all_reduce)
     monkeypatch.setattr(training_module.parallel_state, "get_data_parallel_group", lambda: None)
-    lightning_module = training_module.LoraTrainingModule(TrainConfig(), "unused", 1, ParallelConfig())
+    lightning_module = training_module.LoraTrainingModule(
+        TrainConfig(), "unused", 1, ParallelConfig()
+    )
     lightning_module._device = torch.device("meta")
     losses = [{"loss": torch.ones(2, device="meta")}]
     for stage_losses in (losses, []):
@@ -79,14 +83,14 @@ def test_global_loss_reduces_on_the_module_device(monkeypatch: pytest.MonkeyPatc
         assert raised.value.args[0] == torch.device("meta")
 
 
-FAKE_KERNEL = '''
+FAKE_KERNEL = """
 class GpuKernelCalled(RuntimeError):
     pass
 
 
 def _refuse(*args, **kwargs):
     raise GpuKernelCalled("a CUDA-only kernel was called by a CPU reference")
-'''
+"""
 
 
 def _fake_gpu_kernel_packages(root: Path) -> None:
@@ -100,11 +104,13 @@ def _fake_gpu_kernel_packages(root: Path) -> None:
     )
     (root / "causal_conv1d").mkdir()
     (root / "causal_conv1d" / "__init__.py").write_text(
-        '__version__ = "1.6.0"\n' + FAKE_KERNEL + "causal_conv1d_fn = causal_conv1d_update = _refuse\n"
+        '__version__ = "1.6.0"\n'
+        + FAKE_KERNEL
+        + "causal_conv1d_fn = causal_conv1d_update = _refuse\n"
     )
 
 
-REFERENCE_SCRIPT = textwrap.dedent('''
+REFERENCE_SCRIPT = textwrap.dedent("""
     import sys
     import torch
     import transformers
@@ -119,7 +125,7 @@ REFERENCE_SCRIPT = textwrap.dedent('''
     except RuntimeError as error:
         assert "CUDA-only kernel" in str(error), error
     torch.save(_logits(model, input_ids), sys.argv[1])
-''')
+""")
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
@@ -132,9 +138,15 @@ def test_export_check_reference_never_calls_gpu_kernels(kind: str, tmp_path: Pat
 
     _fake_gpu_kernel_packages(tmp_path / "site")
     out = tmp_path / "logits.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(REPO)]), TORCHDYNAMO_DISABLE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(REPO)]),
+        TORCHDYNAMO_DISABLE="1",
+    )
     script = REFERENCE_SCRIPT.format(build=f"build_hf_model({kind!r})")
-    done = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     expected = _logits(build_hf_model(kind).eval(), fixed_batch(vocab_size=256))
     assert torch.equal(torch.load(out), expected)
@@ -152,14 +164,23 @@ def _fake_causal_conv1d_fn(calls: list[str]) -> Any:
     """causal-conv1d's `causal_conv1d_fn` with the checks of its CUDA entry point, computed by the
     torch path (the layout it was given is recorded)."""
 
-    def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: Any = None, seq_idx: Any = None,
-                         activation: str | None = None) -> torch.Tensor:
+    def causal_conv1d_fn(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Any = None,
+        seq_idx: Any = None,
+        activation: str | None = None,
+    ) -> torch.Tensor:
         assert 2 <= weight.shape[1] <= 4, "causal_conv1d only supports width between 2 and 4"
         channel_last = x.stride(1) == 1 and x.shape[1] > 1
         assert channel_last or x.stride(2) == 1, "x must be contiguous in T or in C"
         if channel_last:
-            assert x.shape[1] % 8 == 0, "causal_conv1d only supports channel dimension divisible by 8"
-            assert x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0, "channel-last strides must be multiples of 8"
+            assert x.shape[1] % 8 == 0, (
+                "causal_conv1d only supports channel dimension divisible by 8"
+            )
+            assert x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0, (
+                "channel-last strides must be multiples of 8"
+            )
         assert seq_idx is None or channel_last, "seq_idx is only supported for channel last layout"
         calls.append("channel_last" if channel_last else "channel_first")
         cu_seqlens = None
@@ -186,9 +207,14 @@ def test_causal_conv1d_kernel_only_gets_calls_it_accepts(
     x, weight, cu_seqlens = _conv_inputs(channels, 40)
     cu_seqlens = cu_seqlens if packed else None
     out = causal_conv1d(x, weight, cu_seqlens=cu_seqlens)
-    assert torch.allclose(out, conv_kernel._torch_causal_conv1d(x, weight, "silu", cu_seqlens), atol=1e-6)
+    assert torch.allclose(
+        out, conv_kernel._torch_causal_conv1d(x, weight, "silu", cu_seqlens), atol=1e-6
+    )
     expected = {
-        (96, False): ["channel_last"], (96, True): ["channel_last"], (100, False): ["channel_first"], (100, True): []
+        (96, False): ["channel_last"],
+        (96, True): ["channel_last"],
+        (100, False): ["channel_first"],
+        (100, True): [],
     }
     assert calls == expected[channels, packed]
 
@@ -199,7 +225,9 @@ def test_packed_attention_runs_per_segment_without_a_mask(monkeypatch: pytest.Mo
     sdpa = F.scaled_dot_product_attention
 
     def recording_sdpa(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        shapes.append((q.shape[2], kwargs.get("attn_mask") is None and kwargs.get("is_causal", False)))
+        shapes.append(
+            (q.shape[2], kwargs.get("attn_mask") is None and kwargs.get("is_causal", False))
+        )
         return sdpa(q, *args, **kwargs)
 
     monkeypatch.setattr(attention_kernel.F, "scaled_dot_product_attention", recording_sdpa)

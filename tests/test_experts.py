@@ -17,8 +17,8 @@ from tests.numerics import max_abs_diff as _max_diff
 from tests.test_lora import _adapter_tensors, _peft_logits
 
 WIDE = {
-    "e8_top2": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24),
-    "e256_top8": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=8),
+    "e8_top2": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 24},
+    "e256_top8": {"num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 8},
 }
 LORA = {"r": 4, "alpha": 8.0}
 LOGIT_TOL = 1e-4  # fp32 logits against transformers + PEFT, as the issue asks
@@ -29,7 +29,13 @@ GRAD_TOL = 1e-5
 def wide_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("wide_moe")
     return {
-        name: str(save_checkpoint(build_hf_model(KIND_MOE, moe_sizes=sizes), root / name, packed_experts=name == "e8_top2"))
+        name: str(
+            save_checkpoint(
+                build_hf_model(KIND_MOE, moe_sizes=sizes),
+                root / name,
+                packed_experts=name == "e8_top2",
+            )
+        )
         for name, sizes in WIDE.items()
     }
 
@@ -41,7 +47,9 @@ def grouped_single(wide_checkpoints: dict[str, str], input_ids: torch.Tensor) ->
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k, n", [(16, 24), (4, 8), (5, 3)])
-def test_grouped_matmul_equals_the_loop_with_padding_and_empty_experts(dtype: torch.dtype, k: int, n: int) -> None:
+def test_grouped_matmul_equals_the_loop_with_padding_and_empty_experts(
+    dtype: torch.dtype, k: int, n: int
+) -> None:
     generator = torch.Generator().manual_seed(0)
     counts = [3, 0, 5, 2]
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -61,7 +69,9 @@ def test_grouped_matmul_equals_the_loop_with_padding_and_empty_experts(dtype: to
 
 def test_grouped_linear_names_bad_shapes() -> None:
     with pytest.raises(ValueError, match="weight \\[G, N, K\\]"):
-        grouped_linear(torch.zeros(4, 8), torch.zeros(2, 3, 7), torch.tensor([2, 4], dtype=torch.int32))
+        grouped_linear(
+            torch.zeros(4, 8), torch.zeros(2, 3, 7), torch.tensor([2, 4], dtype=torch.int32)
+        )
 
 
 @pytest.mark.parametrize("name", list(WIDE))
@@ -82,14 +92,17 @@ def test_expert_lora_gradients_equal_the_loop_path(
     loop = run_multirank(run_lora_expert_loop, 1, {}, wide_checkpoints, input_ids, LORA)[0]
     for name in WIDE:
         assert _max_diff(loop[name]["logits"], grouped_single[name]["logits"]) <= 1e-6, name
-        grads, loop_grads = _adapter_tensors(grouped_single[name]["grads"]), _adapter_tensors(loop[name]["grads"])
+        grads, loop_grads = (
+            _adapter_tensors(grouped_single[name]["grads"]),
+            _adapter_tensors(loop[name]["grads"]),
+        )
         assert sorted(grads) == sorted(loop_grads)
         for key, grad in loop_grads.items():
             assert grad.abs().sum() > 0, f"{name}: {key} has no gradient"
             assert _max_diff(grads[key], grad) <= 1e-6, f"{name}: {key}"
 
 
-@pytest.mark.parametrize("parallel", [dict(ep=2), dict(tp=2, sp=True)], ids=["ep2", "tp2_sp"])
+@pytest.mark.parametrize("parallel", [{"ep": 2}, {"tp": 2, "sp": True}], ids=["ep2", "tp2_sp"])
 def test_wide_experts_parallel_layouts_match_one_rank(
     parallel: dict, grouped_single: dict, wide_checkpoints: dict, input_ids: torch.Tensor
 ) -> None:
@@ -97,11 +110,16 @@ def test_wide_experts_parallel_layouts_match_one_rank(
     for name in WIDE:
         ours, single = results[name], grouped_single[name]
         assert _max_diff(ours["logits"], single["logits"]) <= LOGIT_TOL, name
-        tensors, single_tensors = _adapter_tensors(ours["adapter"]), _adapter_tensors(single["adapter"])
+        tensors, single_tensors = (
+            _adapter_tensors(ours["adapter"]),
+            _adapter_tensors(single["adapter"]),
+        )
         for key, tensor in single_tensors.items():
             assert torch.equal(tensors[key], tensor), f"{name}: {key}"
         # Eight experts per token summed in another order across the split: fp32 rounding relative
         # to the gradient's scale, orders of magnitude below what a wrong expert or shard gives.
         grads, single_grads = _adapter_tensors(ours["grads"]), _adapter_tensors(single["grads"])
         for key, grad in single_grads.items():
-            assert _max_diff(grads[key], grad) <= GRAD_TOL * max(1.0, 10 * grad.abs().max().item()), f"{name}: {key}"
+            assert _max_diff(grads[key], grad) <= GRAD_TOL * max(
+                1.0, 10 * grad.abs().max().item()
+            ), f"{name}: {key}"

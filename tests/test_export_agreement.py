@@ -39,8 +39,14 @@ def test_every_rank_stops_and_one_reports_the_cause() -> None:
 
     assert rank0["none"] is None and rank1["none"] is None
     assert rank1["rank 1 fails"] == ("ExportError", "disk full while writing shard 2")
-    assert rank0["rank 1 fails"] == ("PeerExportError", "stopping: rank 1's export failed: disk full while writing shard 2")
-    assert rank1["root on rank 1, peer on rank 0"] == ("ExportError", "OSError: No space left on device")
+    assert rank0["rank 1 fails"] == (
+        "PeerExportError",
+        "stopping: rank 1's export failed: disk full while writing shard 2",
+    )
+    assert rank1["root on rank 1, peer on rank 0"] == (
+        "ExportError",
+        "OSError: No space left on device",
+    )
     assert rank0["root on rank 1, peer on rank 0"][0] == "PeerExportError"
     assert rank0["two roots"] == ("ExportError", "check failed")
     assert rank1["two roots"][0] == "PeerExportError"

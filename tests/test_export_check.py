@@ -30,12 +30,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, HFAdapter, dict[str, Any]]:
+def exported(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Path, HFAdapter, dict[str, Any]]:
     """A packed MoE-VL base with MTP, exported with the check (float64 forward, see check_export)."""
     root = tmp_path_factory.mktemp("check")
     base_dir, adapter = make_base(KIND_MOE_VL, root / "base", packed_experts=True, with_mtp=True)
     manifest = export_hf(
-        adapter, base_dir, root / "save", step=STEP, check_input_ids=BATCH, check_dtype=torch.float64, progress=False
+        adapter,
+        base_dir,
+        root / "save",
+        step=STEP,
+        check_input_ids=BATCH,
+        check_dtype=torch.float64,
+        progress=False,
     )
     return base_dir, root / "save", adapter, manifest
 
@@ -68,16 +76,28 @@ def test_good_export_passes_and_manifest_describes_it(exported: tuple, merged_bo
     assert all(0 < kind["max_abs_diff"] <= kind["tolerance"] for kind in kinds.values())
     assert manifest["check"]["tolerance"] == kinds["logits"]["tolerance"]
     assert manifest["step"] == STEP and manifest["profile"] == "peft"
-    assert manifest["base"] == {"path": str(base_dir.resolve()), "config_sha256": sha256(base_dir / "config.json")}
+    assert manifest["base"] == {
+        "path": str(base_dir.resolve()),
+        "config_sha256": sha256(base_dir / "config.json"),
+    }
     assert set(manifest["versions"]) == set(LIBRARIES)
-    assert all(manifest["versions"][name] for name in ("torch", "transformers", "peft", "safetensors"))
+    assert all(
+        manifest["versions"][name] for name in ("torch", "transformers", "peft", "safetensors")
+    )
     for directory in (ADAPTER_DIR, MERGED_DIR):
         files = sorted(p for p in (save_dir / directory).iterdir())
         assert manifest["files"][directory] == {p.name: sha256(p) for p in files}
         assert manifest["sizes_bytes"][directory] == sum(p.stat().st_size for p in files)
     # 2 attention layers x q/k/v/o, 2 GDN layers x in_proj_qkv/z/b/a + out_proj, 4 layers x shared
     # expert gate/up/down, 4 layers x packed gate_up/down
-    counts = {"attention": 8, "gdn": 10, "mlp": 0, "shared_expert": 12, "routed_experts": 8, "other": 0}
+    counts = {
+        "attention": 8,
+        "gdn": 10,
+        "mlp": 0,
+        "shared_expert": 12,
+        "routed_experts": 8,
+        "other": 0,
+    }
     assert manifest["adapter"]["modules"] == counts and list(counts) == list(MODULE_KINDS)
     assert manifest["adapter"]["nonzero_lora_B"] == 38
     assert manifest["adapter"]["scale"] == adapter.scale
@@ -90,13 +110,20 @@ def test_reference_logits_are_compared(exported: tuple, merged_bound: float) -> 
         unadapted = load_hf_model(base_dir)(BATCH).logits
 
     result = check_export(
-        base_dir, save_dir / ADAPTER_DIR, save_dir / MERGED_DIR, BATCH, reference_logits=unadapted,
+        base_dir,
+        save_dir / ADAPTER_DIR,
+        save_dir / MERGED_DIR,
+        BATCH,
+        reference_logits=unadapted,
         dtype=torch.float64,
     )
 
     assert not result.passed
     assert result.max_abs_diff_adapter_vs_merged <= merged_bound
-    assert result.max_abs_diff_reference_vs_merged is not None and result.max_abs_diff_reference_vs_merged > 0.5
+    assert (
+        result.max_abs_diff_reference_vs_merged is not None
+        and result.max_abs_diff_reference_vs_merged > 0.5
+    )
     assert "reference and merged logits differ" in result.message
     assert "adapter and merged" not in result.message
 

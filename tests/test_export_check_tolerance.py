@@ -42,9 +42,13 @@ def worst(result: ExportCheckResult) -> float:
 
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, HFAdapter]:
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, HFAdapter]:
     root = tmp_path_factory.mktemp(f"tolerance-{request.param}")
-    base_dir, adapter = make_base(KIND_MOE_VL, root / "base", dtype=request.param, packed_experts=True)
+    base_dir, adapter = make_base(
+        KIND_MOE_VL, root / "base", dtype=request.param, packed_experts=True
+    )
     export_hf(adapter, base_dir, root / "save", step=1, progress=False)
     return base_dir, root / "save", adapter
 
@@ -54,7 +58,13 @@ def expert_major_lora_b(tensors: dict[str, torch.Tensor]) -> None:
     key = PREFIX + "layers.0.mlp.experts.base_layer.lora_B.weight"
     fan_out, columns = tensors[key].shape
     experts = columns // 4
-    tensors[key] = tensors[key].view(fan_out, 4, experts).transpose(1, 2).reshape(fan_out, columns).contiguous()
+    tensors[key] = (
+        tensors[key]
+        .view(fan_out, 4, experts)
+        .transpose(1, 2)
+        .reshape(fan_out, columns)
+        .contiguous()
+    )
 
 
 def expert_a_transposed(tensors: dict[str, torch.Tensor]) -> None:
@@ -130,16 +140,26 @@ def test_correct_export_passes(exported: tuple, mode: str) -> None:
     assert result.passed, result.message
     assert result.mode == mode
     assert worst(result) < CORRECT_MARGIN, result.message
-    kinds = {"attention", "gdn", "shared_expert", "routed_experts", "logits" if mode == "full" else "layer_output"}
+    kinds = {
+        "attention",
+        "gdn",
+        "shared_expert",
+        "routed_experts",
+        "logits" if mode == "full" else "layer_output",
+    }
     assert set(result.kinds) == kinds
     assert all(kind.rounding_diff > 0 for kind in result.kinds.values())
 
 
 def test_fp16_export_passes(tmp_path: Path) -> None:
-    base_dir, adapter = make_base(KIND_MOE_VL, tmp_path / "base", dtype=torch.float16, packed_experts=True)
+    base_dir, adapter = make_base(
+        KIND_MOE_VL, tmp_path / "base", dtype=torch.float16, packed_experts=True
+    )
     export_hf(adapter, base_dir, tmp_path / "save", step=1, progress=False)
 
-    result = check_export(base_dir, tmp_path / "save" / ADAPTER_DIR, tmp_path / "save" / MERGED_DIR, BATCH)
+    result = check_export(
+        base_dir, tmp_path / "save" / ADAPTER_DIR, tmp_path / "save" / MERGED_DIR, BATCH
+    )
 
     assert result.passed, result.message
     assert (result.stored_dtype, result.compute_dtype) == ("float16", "float32")

@@ -45,7 +45,9 @@ def gdr_inputs(
     return [x.requires_grad_() for x in (q, k, v, g, beta)]
 
 
-def grads_of(outputs: list[torch.Tensor], inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
+def grads_of(
+    outputs: list[torch.Tensor], inputs: list[torch.Tensor], seed: int = 1
+) -> list[torch.Tensor]:
     """Gradients of a random linear function of the outputs (the same function in any dtype)."""
     gen = torch.Generator().manual_seed(seed)
     loss = sum((out * torch.randn(out.shape, generator=gen)).sum() for out in outputs)
@@ -102,7 +104,11 @@ def recurrent_gated_delta_rule(
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     q = q * q.shape[-1] ** -0.5
     batch, seq_len, heads, key_dim = k.shape
-    state = initial_state if initial_state is not None else v.new_zeros(batch, heads, key_dim, v.shape[-1])
+    state = (
+        initial_state
+        if initial_state is not None
+        else v.new_zeros(batch, heads, key_dim, v.shape[-1])
+    )
     outputs = []
     for t in range(seq_len):
         state = state * g[:, t].exp()[..., None, None]
@@ -123,19 +129,30 @@ def test_gated_delta_rule_matches_transformers(shape, with_initial_state):
     inputs = gdr_inputs(*shape)
     if with_initial_state:
         gen = torch.Generator().manual_seed(2)
-        inputs.append(torch.randn(batch, value_heads, key_dim, value_dim, generator=gen).requires_grad_())
+        inputs.append(
+            torch.randn(batch, value_heads, key_dim, value_dim, generator=gen).requires_grad_()
+        )
     q, k, v, g, beta = inputs[:5]
     initial_state = inputs[5] if with_initial_state else None
 
     ref_out, ref_state = torch_chunk_gated_delta_rule(
-        q, k, v, g, beta, initial_state=initial_state, output_final_state=True, use_qk_l2norm_in_kernel=True
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state=initial_state,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
     )
     out, final_state = chunk_gated_delta_rule(
         q, k, v, g, beta, initial_state=initial_state, output_final_state=True
     )
     exact_inputs = float64_leaves(inputs)
     ours_fp64 = chunk_gated_delta_rule(
-        *exact_inputs[:5], initial_state=exact_inputs[5] if with_initial_state else None, output_final_state=True
+        *exact_inputs[:5],
+        initial_state=exact_inputs[5] if with_initial_state else None,
+        output_final_state=True,
     )
     exact = recurrent_gated_delta_rule(*exact_inputs)
     assert out.shape == ref_out.shape and out.dtype == torch.float32
@@ -161,13 +178,17 @@ def test_gated_delta_rule_matches_transformers_under_strong_decay():
 def test_gated_delta_rule_without_l2norm_matches_transformers():
     q, k, v, g, beta = gdr_inputs(1, 90, 2, 4, 16, 16, seed=3)
     q_unit, k_unit = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    ref_out, _ = torch_chunk_gated_delta_rule(q_unit, k_unit, v, g, beta, use_qk_l2norm_in_kernel=False)
+    ref_out, _ = torch_chunk_gated_delta_rule(
+        q_unit, k_unit, v, g, beta, use_qk_l2norm_in_kernel=False
+    )
     out, state = chunk_gated_delta_rule(q_unit, k_unit, v, g, beta, use_qk_l2norm=False)
     exact_inputs = [x.double() for x in (q_unit, k_unit, v, g, beta)]
     exact, _ = recurrent_gated_delta_rule(*exact_inputs, use_qk_l2norm=False)
     ours_fp64, _ = chunk_gated_delta_rule(*exact_inputs, use_qk_l2norm=False)
     assert state is None
-    assert_within_floor(out, ref_out, max(noise_floor(ref_out, exact), noise_floor(out, ours_fp64)), "output")
+    assert_within_floor(
+        out, ref_out, max(noise_floor(ref_out, exact), noise_floor(out, ours_fp64)), "output"
+    )
 
 
 def test_gated_delta_rule_keeps_input_dtype():
@@ -176,7 +197,9 @@ def test_gated_delta_rule_keeps_input_dtype():
     ref_out, _ = chunk_gated_delta_rule(q.float(), k.float(), v.float(), g.float(), beta.float())
     assert out.dtype == torch.bfloat16
     # the same fp32 computation on the same values, rounded once to bf16: within half an ulp
-    assert_close(out.float(), ref_out, torch.finfo(torch.bfloat16).eps * ref_out.abs().max().item(), "output")
+    assert_close(
+        out.float(), ref_out, torch.finfo(torch.bfloat16).eps * ref_out.abs().max().item(), "output"
+    )
 
 
 @pytest.mark.parametrize("with_initial_state", [False, True], ids=["zero-state", "initial-state"])
@@ -191,18 +214,29 @@ def test_gated_delta_rule_packed_equals_per_sample(with_initial_state):
     initial_state = inputs[5] if with_initial_state else None
 
     out, final = chunk_gated_delta_rule(
-        q, k, v, g, beta, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state=initial_state,
+        output_final_state=True,
+        cu_seqlens=cu_seqlens,
     )
     exact_inputs = float64_leaves(inputs)
     ours_fp64 = chunk_gated_delta_rule(
-        *exact_inputs[:5], initial_state=exact_inputs[5] if with_initial_state else None, output_final_state=True,
+        *exact_inputs[:5],
+        initial_state=exact_inputs[5] if with_initial_state else None,
+        output_final_state=True,
         cu_seqlens=cu_seqlens,
     )
     assert final.shape == (len(lengths), 4, 16, 24)
     assert_matches_within_floor(
         [out, final],
         list(ours_fp64),
-        per_sample_gated_delta_rule(partial(chunk_gated_delta_rule, output_final_state=True), inputs, cu_seqlens),
+        per_sample_gated_delta_rule(
+            partial(chunk_gated_delta_rule, output_final_state=True), inputs, cu_seqlens
+        ),
         per_sample_gated_delta_rule(recurrent_gated_delta_rule, exact_inputs, cu_seqlens),
         inputs,
         exact_inputs,
@@ -210,7 +244,9 @@ def test_gated_delta_rule_packed_equals_per_sample(with_initial_state):
 
 
 def per_sample_gated_delta_rule(
-    rule: Callable[..., tuple[torch.Tensor, torch.Tensor]], inputs: list[torch.Tensor], cu_seqlens: torch.Tensor
+    rule: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    inputs: list[torch.Tensor],
+    cu_seqlens: torch.Tensor,
 ) -> list[torch.Tensor]:
     """`rule` (returning the output and the final state) run on every sample of a packed batch on
     its own: the outputs concatenated and the final states stacked (an empty sample keeps its
@@ -221,15 +257,21 @@ def per_sample_gated_delta_rule(
     for i, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
         state = None if initial_state is None else initial_state[i : i + 1]
         if start == end:
-            finals.append(v.new_zeros(1, v.shape[2], k.shape[3], v.shape[3]) if state is None else state)
+            finals.append(
+                v.new_zeros(1, v.shape[2], k.shape[3], v.shape[3]) if state is None else state
+            )
             continue
-        piece, piece_final = rule(*(x[:, start:end] for x in (q, k, v, g, beta)), initial_state=state)
+        piece, piece_final = rule(
+            *(x[:, start:end] for x in (q, k, v, g, beta)), initial_state=state
+        )
         pieces.append(piece)
         finals.append(piece_final)
     return [torch.cat(pieces, dim=1), torch.cat(finals)]
 
 
-@pytest.mark.parametrize("gate_shift", [2.0, -2.0, -60.0], ids=["weak-decay", "strong-decay", "extreme-decay"])
+@pytest.mark.parametrize(
+    "gate_shift", [2.0, -2.0, -60.0], ids=["weak-decay", "strong-decay", "extreme-decay"]
+)
 def test_gated_delta_rule_packed_without_states_equals_per_sample(gate_shift):
     """The path training takes: samples chunked as one sequence, several inside one chunk, one
     starting on a chunk boundary, one across chunks, an empty one."""
@@ -244,7 +286,9 @@ def test_gated_delta_rule_packed_without_states_equals_per_sample(gate_shift):
     # chunk that spans samples, which no per-sample floor measures (1.3e-6 under strong decay, on
     # every CPU capability, against 3e-7 for the samples run alone).
     assert_close(out, expected[0], PACKED_CHUNKS_BOUND, "output")
-    for i, (ours, theirs) in enumerate(zip(grads_of([out], inputs), grads_of([expected[0]], inputs))):
+    for i, (ours, theirs) in enumerate(
+        zip(grads_of([out], inputs), grads_of([expected[0]], inputs))
+    ):
         assert_close(ours, theirs, PACKED_CHUNKS_BOUND, f"gradient of input {i}")
 
 
@@ -256,14 +300,26 @@ def test_gated_delta_rule_rejects_bad_shapes():
     with pytest.raises(ValueError, match="batch size 1"):
         chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 8]))
     with pytest.raises(ValueError, match="from 0 to T=8"):
-        chunk_gated_delta_rule(*(x[:1] for x in (q, k, v, g, beta)), cu_seqlens=torch.tensor([0, 5]))
+        chunk_gated_delta_rule(
+            *(x[:1] for x in (q, k, v, g, beta)), cu_seqlens=torch.tensor([0, 5])
+        )
 
 
 def test_fla_backend_gets_heads_expanded_and_fla_keywords(monkeypatch):
     """The CUDA path's call into FLA, with FLA faked by our torch path at Hk == Hv."""
 
     def fake_fla(
-        q, k, v, g, beta, *, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens
+        q,
+        k,
+        v,
+        g,
+        beta,
+        *,
+        scale,
+        initial_state,
+        output_final_state,
+        use_qk_l2norm_in_kernel,
+        cu_seqlens,
     ):
         assert q.shape[2] == k.shape[2] == v.shape[2] and scale == q.shape[-1] ** -0.5
         return gdr._torch_chunk_gated_delta_rule(
@@ -284,14 +340,20 @@ def test_fla_backend_gets_heads_expanded_and_fla_keywords(monkeypatch):
     exact_inputs = [x.double() for x in (q, k, v, g, beta)]
     exact = per_sample_gated_delta_rule(recurrent_gated_delta_rule, exact_inputs, cu_seqlens)
     ours_fp64 = gdr._fla_chunk_gated_delta_rule(*exact_inputs, None, True, cu_seqlens, True)
-    pairs = zip(("output", "final state"), (out, state), ours_fp64, (expected, expected_state), exact)
+    pairs = zip(
+        ("output", "final state"), (out, state), ours_fp64, (expected, expected_state), exact
+    )
     for name, got, got64, want, truth in pairs:
-        assert_within_floor(got, want, max(noise_floor(want, truth), noise_floor(got, got64.double())), name)
+        assert_within_floor(
+            got, want, max(noise_floor(want, truth), noise_floor(got, got64.double())), name
+        )
 
 
 def hf_conv(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> torch.Tensor:
     """Hugging Face's torch fallback of causal_conv1d_fn."""
-    out = F.conv1d(x, weight.unsqueeze(1), padding=weight.shape[1] - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    out = F.conv1d(x, weight.unsqueeze(1), padding=weight.shape[1] - 1, groups=x.shape[1])[
+        ..., : x.shape[-1]
+    ]
     return F.silu(out) if activation == "silu" else out
 
 
@@ -324,10 +386,14 @@ def test_causal_conv1d_packed_equals_per_sample():
     expected = torch.cat([hf_conv(x[..., s:e], weight, "silu") for s, e in bounds], dim=-1)
     exact = torch.cat([hf_conv(exact_x[..., s:e], exact_weight, "silu") for s, e in bounds], dim=-1)
     ours_fp64 = causal_conv1d(exact_x, exact_weight, cu_seqlens=cu_seqlens)
-    assert_matches_within_floor([out], [ours_fp64], [expected], [exact], [x, weight], [exact_x, exact_weight])
+    assert_matches_within_floor(
+        [out], [ours_fp64], [expected], [exact], [x, weight], [exact_x, exact_weight]
+    )
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Explicit causal softmax attention, kv heads repeated for GQA: [B, T, H, D] in and out."""
     group = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
@@ -370,9 +436,16 @@ def test_causal_attention_packed_equals_per_sample():
     exact_inputs = float64_leaves([q, k, v])
 
     def per_sample(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([softmax_attention(q[:, s:e], k[:, s:e], v[:, s:e], 0.25) for s, e in bounds], dim=1)
+        return torch.cat(
+            [softmax_attention(q[:, s:e], k[:, s:e], v[:, s:e], 0.25) for s, e in bounds], dim=1
+        )
 
     ours_fp64 = causal_attention(*exact_inputs, scale=0.25, cu_seqlens=cu_seqlens)
     assert_matches_within_floor(
-        [out], [ours_fp64], [per_sample(q, k, v)], [per_sample(*exact_inputs)], [q, k, v], exact_inputs
+        [out],
+        [ours_fp64],
+        [per_sample(q, k, v)],
+        [per_sample(*exact_inputs)],
+        [q, k, v],
+        exact_inputs,
     )

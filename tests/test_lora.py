@@ -35,7 +35,9 @@ def fused_single(checkpoints: dict[str, str], input_ids: torch.Tensor) -> dict:
 @pytest.fixture(scope="session")
 def fused_single_fp64(checkpoints: dict[str, str], input_ids: torch.Tensor) -> dict:
     """The single-rank run in float64: the reference for the fp32 runs' rounding noise."""
-    return run_multirank(run_lora, 1, {}, checkpoints, input_ids, {"r": 4, "alpha": 8.0}, torch.float64)[0]
+    return run_multirank(
+        run_lora, 1, {}, checkpoints, input_ids, {"r": 4, "alpha": 8.0}, torch.float64
+    )[0]
 
 
 def _adapter_tensors(adapter: HFAdapter) -> dict[str, torch.Tensor]:
@@ -60,14 +62,21 @@ def _peft_logits(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_tp1_adapter_loads_in_peft_with_our_logits(
-    kind: str, fused_single: dict, fused_single_fp64: dict, checkpoints: dict, input_ids: torch.Tensor,
+    kind: str,
+    fused_single: dict,
+    fused_single_fp64: dict,
+    checkpoints: dict,
+    input_ids: torch.Tensor,
     tmp_path: Path,
 ) -> None:
     ours = fused_single[kind]
     adapter: HFAdapter = ours["adapter"]
     assert all(w.b.abs().sum() > 0 for w in {**adapter.linears, **adapter.experts}.values())
     peft_fp32, peft_fp64 = _peft_logits(checkpoints[kind], adapter, tmp_path, input_ids)
-    floor = max(noise_floor(peft_fp32, peft_fp64), noise_floor(ours["logits"], fused_single_fp64[kind]["logits"]))
+    floor = max(
+        noise_floor(peft_fp32, peft_fp64),
+        noise_floor(ours["logits"], fused_single_fp64[kind]["logits"]),
+    )
     assert_within_floor(ours["logits"], peft_fp32, floor, f"{kind}: logits vs PEFT")
     with torch.no_grad():
         base_logits = load_hf_model(Path(checkpoints[kind]))(input_ids=input_ids).logits
@@ -84,7 +93,9 @@ def test_canonical_and_fused_give_the_same_logits_for_the_same_delta(
     for kind in KINDS:
         fused = fused_single_fp64[kind]
         floor = noise_floor(fused_single[kind]["logits"], fused["logits"])
-        assert_within_floor(canonical[kind]["logits"], fused["logits"], floor, f"{kind}: canonical vs fused")
+        assert_within_floor(
+            canonical[kind]["logits"], fused["logits"], floor, f"{kind}: canonical vs fused"
+        )
         fused_tensors = _adapter_tensors(fused["adapter"])
         canonical_tensors = _adapter_tensors(canonical[kind]["adapter"])
         assert sorted(fused_tensors) == sorted(canonical_tensors)
@@ -98,7 +109,11 @@ def _tree_bytes(directory: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_layout_matches_single_rank_and_peft(
-    layout: str, fused_single: dict, fused_single_fp64: dict, checkpoints: dict, input_ids: torch.Tensor,
+    layout: str,
+    fused_single: dict,
+    fused_single_fp64: dict,
+    checkpoints: dict,
+    input_ids: torch.Tensor,
     tmp_path: Path,
 ) -> None:
     """Gradients within a few times the single-rank run's own fp32-vs-float64 difference relative to
@@ -108,15 +123,33 @@ def test_parallel_layout_matches_single_rank_and_peft(
     lora = {"r": 4, "alpha": 8.0}
     parts = tmp_path / "parts"
     results = run_multirank(
-        run_lora, world, parallel, {k: checkpoints[k] for k in kinds}, input_ids, lora, torch.float32, str(parts)
+        run_lora,
+        world,
+        parallel,
+        {k: checkpoints[k] for k in kinds},
+        input_ids,
+        lora,
+        torch.float32,
+        str(parts),
     )[0]
     for kind in kinds:
         # each rank wrote only its own factors: the same files as the gathered adapter exported on one rank
-        export_hf(results[kind]["adapter"], Path(checkpoints[kind]), tmp_path / "whole" / kind, step=1, progress=False)
+        export_hf(
+            results[kind]["adapter"],
+            Path(checkpoints[kind]),
+            tmp_path / "whole" / kind,
+            step=1,
+            progress=False,
+        )
         for directory in (ADAPTER_DIR, MERGED_DIR):
-            assert _tree_bytes(parts / kind / directory) == _tree_bytes(tmp_path / "whole" / kind / directory), kind
+            assert _tree_bytes(parts / kind / directory) == _tree_bytes(
+                tmp_path / "whole" / kind / directory
+            ), kind
         ours, single = results[kind], fused_single[kind]
-        adapter_tensors, single_tensors = _adapter_tensors(ours["adapter"]), _adapter_tensors(single["adapter"])
+        adapter_tensors, single_tensors = (
+            _adapter_tensors(ours["adapter"]),
+            _adapter_tensors(single["adapter"]),
+        )
         assert sorted(adapter_tensors) == sorted(single_tensors), kind
         for name, tensor in single_tensors.items():
             assert torch.equal(adapter_tensors[name], tensor), f"{kind}: {name}"
@@ -132,7 +165,9 @@ def test_parallel_layout_matches_single_rank_and_peft(
             floor = relative_floor * grad.abs().max().item()
             assert_within_floor(grads[name], grad, floor, f"{kind}: {name}")
         (tmp_path / kind).mkdir()
-        peft_fp32, peft_fp64 = _peft_logits(checkpoints[kind], ours["adapter"], tmp_path / kind, input_ids)
+        peft_fp32, peft_fp64 = _peft_logits(
+            checkpoints[kind], ours["adapter"], tmp_path / kind, input_ids
+        )
         single_floor = noise_floor(single["logits"], fused_single_fp64[kind]["logits"])
         floor = max(noise_floor(peft_fp32, peft_fp64), single_floor)
         assert_within_floor(ours["logits"], peft_fp32, floor, f"{kind}: logits vs PEFT")

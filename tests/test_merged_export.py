@@ -33,15 +33,27 @@ from tests.export_fixtures import EXTRA_FILES, HIDDEN_FILE, make_base
 from tests.numerics import assert_differs, assert_within_floor, noise_floor, to_float64
 
 REPO = Path(__file__).resolve().parents[1]
-RELATIVE_TOLERANCE = 1e-6  # adapted fp32 tensors vs base + scale * B @ A in float64, relative to their max
+RELATIVE_TOLERANCE = (
+    1e-6  # adapted fp32 tensors vs base + scale * B @ A in float64, relative to their max
+)
 
 # name -> make_base arguments
 CASES: dict[str, dict[str, object]] = {
-    "dense": dict(kind=KIND_DENSE),
-    "moe_per_expert_sharded": dict(kind=KIND_MOE, max_shard_size="100KB"),
-    "moe_vl_packed_mtp": dict(kind=KIND_MOE_VL, packed_experts=True, with_mtp=True),
-    "moe_vl_packed_mtp_sharded": dict(kind=KIND_MOE_VL, packed_experts=True, with_mtp=True, shards=3),
-    "moe_vl_packed_bf16": dict(kind=KIND_MOE_VL, packed_experts=True, with_mtp=True, dtype=torch.bfloat16),
+    "dense": {"kind": KIND_DENSE},
+    "moe_per_expert_sharded": {"kind": KIND_MOE, "max_shard_size": "100KB"},
+    "moe_vl_packed_mtp": {"kind": KIND_MOE_VL, "packed_experts": True, "with_mtp": True},
+    "moe_vl_packed_mtp_sharded": {
+        "kind": KIND_MOE_VL,
+        "packed_experts": True,
+        "with_mtp": True,
+        "shards": 3,
+    },
+    "moe_vl_packed_bf16": {
+        "kind": KIND_MOE_VL,
+        "packed_experts": True,
+        "with_mtp": True,
+        "dtype": torch.bfloat16,
+    },
 }
 
 
@@ -59,7 +71,7 @@ def read_all(directory: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+            tensors.update({name: handle.get_tensor(name) for name in handle})
     return tensors
 
 
@@ -67,9 +79,13 @@ def expected_deltas(adapter: HFAdapter, base: dict[str, torch.Tensor]) -> dict[s
     """Base tensor name -> scale * B @ A in float64, in the base's expert layout."""
     deltas: dict[str, torch.Tensor] = {}
     for module, weights in adapter.linears.items():
-        deltas[f"{adapter.text_prefix}{module}.weight"] = adapter.scale * weights.b.double() @ weights.a.double()
+        deltas[f"{adapter.text_prefix}{module}.weight"] = (
+            adapter.scale * weights.b.double() @ weights.a.double()
+        )
     for key, experts in adapter.experts.items():
-        packed = adapter.scale * torch.einsum("eor,eri->eoi", experts.b.double(), experts.a.double())
+        packed = adapter.scale * torch.einsum(
+            "eor,eri->eoi", experts.b.double(), experts.a.double()
+        )
         name = adapter.text_prefix + key
         if name in base:
             deltas[name] = packed
@@ -85,7 +101,9 @@ def expected_deltas(adapter: HFAdapter, base: dict[str, torch.Tensor]) -> dict[s
     return deltas
 
 
-def export_merged(adapter: HFAdapter, base_dir: Path, out_dir: Path, **kwargs: object) -> list[Path]:
+def export_merged(
+    adapter: HFAdapter, base_dir: Path, out_dir: Path, **kwargs: object
+) -> list[Path]:
     out_dir.mkdir(parents=True)
     return write_merged_checkpoint(adapter, base_dir, out_dir, progress=False, **kwargs)  # type: ignore[arg-type]
 
@@ -119,7 +137,11 @@ def test_adapted_tensors_merged_others_identical(case: str, bases: dict, tmp_pat
     # same files, same index, same non-weight files; hidden files and nothing else are left out
     base_files = sorted(p.name for p in base_dir.iterdir() if not p.name.startswith("."))
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == base_files
-    for name in ["config.json", *EXTRA_FILES, *([INDEX_FILE] if (base_dir / INDEX_FILE).exists() else [])]:
+    for name in [
+        "config.json",
+        *EXTRA_FILES,
+        *([INDEX_FILE] if (base_dir / INDEX_FILE).exists() else []),
+    ]:
         assert (tmp_path / "merged" / name).read_bytes() == (base_dir / name).read_bytes(), name
     assert not (tmp_path / "merged" / HIDDEN_FILE).exists()
 
@@ -132,7 +154,9 @@ def test_layouts_and_dtypes_kept(bases: dict, tmp_path: Path) -> None:
     names = set(read_all(tmp_path / "per_expert"))
     assert "model.layers.0.mlp.experts.3.gate_proj.weight" in names
     assert not [name for name in names if name.endswith(("gate_up_proj", "experts.down_proj"))]
-    assert len(json.loads((tmp_path / "per_expert" / INDEX_FILE).read_text())["weight_map"]) == len(names)
+    assert len(json.loads((tmp_path / "per_expert" / INDEX_FILE).read_text())["weight_map"]) == len(
+        names
+    )
     assert len(list((tmp_path / "per_expert").glob("*.safetensors"))) > 2
 
     bf16_dir, bf16_adapter = bases["moe_vl_packed_bf16"]
@@ -163,19 +187,27 @@ def test_merged_logits_match_peft_adapter(case: str, bases: dict, tmp_path: Path
         merged_logits = to_float64(merged_model)(batch).logits
         base_model = to_float64(load_hf_model(base_dir))
         base_logits = base_model(batch).logits
-        adapter_logits = PeftModel.from_pretrained(base_model, tmp_path / "adapter").eval()(batch).logits
+        adapter_logits = (
+            PeftModel.from_pretrained(base_model, tmp_path / "adapter").eval()(batch).logits
+        )
 
     assert_differs(merged_logits, base_logits, 0.5, f"{case}: merged vs base")
     floor = noise_floor(merged_fp32, merged_logits)
-    assert_within_floor(merged_logits, adapter_logits, floor, f"{case}: merged vs base + PEFT adapter")
+    assert_within_floor(
+        merged_logits, adapter_logits, floor, f"{case}: merged vs base + PEFT adapter"
+    )
 
 
 def test_two_ranks_write_the_same_files_as_one(bases: dict, tmp_path: Path) -> None:
     base_dir, adapter = bases["moe_vl_packed_mtp_sharded"]
     single = export_merged(adapter, base_dir, tmp_path / "one")
     (tmp_path / "two").mkdir()
-    rank0 = write_merged_checkpoint(adapter, base_dir, tmp_path / "two", rank=0, world_size=2, progress=False)
-    rank1 = write_merged_checkpoint(adapter, base_dir, tmp_path / "two", rank=1, world_size=2, progress=False)
+    rank0 = write_merged_checkpoint(
+        adapter, base_dir, tmp_path / "two", rank=0, world_size=2, progress=False
+    )
+    rank1 = write_merged_checkpoint(
+        adapter, base_dir, tmp_path / "two", rank=1, world_size=2, progress=False
+    )
 
     assert [p.name for p in rank1] == ["model-00002-of-00003.safetensors"]
     assert sorted(p.name for p in rank0 + rank1) == sorted(p.name for p in single)
@@ -185,7 +217,9 @@ def test_two_ranks_write_the_same_files_as_one(bases: dict, tmp_path: Path) -> N
 def test_adapter_module_without_base_tensor(bases: dict, tmp_path: Path) -> None:
     base_dir, adapter = bases["dense"]
     extra = HFLoraWeights(torch.ones(4, 64), torch.ones(8, 4))
-    wrong = HFAdapter({**adapter.linears, "layers.0.self_attn.qkv_proj": extra}, {}, 4, 8.0, False, "model.", "x")
+    wrong = HFAdapter(
+        {**adapter.linears, "layers.0.self_attn.qkv_proj": extra}, {}, 4, 8.0, False, "model.", "x"
+    )
     with pytest.raises(ExportError, match=r"layers\.0\.self_attn\.qkv_proj"):
         export_merged(wrong, base_dir, tmp_path / "merged")
     assert list((tmp_path / "merged").iterdir()) == []
@@ -204,10 +238,16 @@ def test_export_hf_on_two_ranks(bases: dict, tmp_path: Path) -> None:
     def run(rank: int) -> None:
         try:
             results[rank] = export_hf(
-                adapter, base_dir, tmp_path / "two", step=3, rank=rank, world_size=2,
-                barrier=barrier.wait, progress=False,
+                adapter,
+                base_dir,
+                tmp_path / "two",
+                step=3,
+                rank=rank,
+                world_size=2,
+                barrier=barrier.wait,
+                progress=False,
             )
-        except Exception as error:  # noqa: BLE001 - handed to the main thread
+        except Exception as error:
             results[rank] = error
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
@@ -220,7 +260,9 @@ def test_export_hf_on_two_ranks(bases: dict, tmp_path: Path) -> None:
     assert results[1] == {}
     assert isinstance(results[0], dict) and results[0]["step"] == 3
     assert tree_bytes(tmp_path / "two" / MERGED_DIR) == tree_bytes(tmp_path / "one" / MERGED_DIR)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([ADAPTER_DIR, MANIFEST_FILE, MERGED_DIR])
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        [ADAPTER_DIR, MANIFEST_FILE, MERGED_DIR]
+    )
 
 
 def test_unwritable_export_directory(bases: dict, tmp_path: Path) -> None:
@@ -230,7 +272,9 @@ def test_unwritable_export_directory(bases: dict, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="is not a directory"):
         export_hf(adapter, base_dir, blocker / "checkpoint", step=1, progress=False)
     with pytest.raises(ExportError, match="(?i)not a directory"):
-        export_hf(adapter, base_dir, blocker / "checkpoint", step=1, write_merged=False, progress=False)
+        export_hf(
+            adapter, base_dir, blocker / "checkpoint", step=1, write_merged=False, progress=False
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_dir"]
 
 
@@ -239,7 +283,9 @@ def _fail_disk_full(*args: object, **kwargs: object) -> None:
 
 
 @pytest.mark.parametrize("target", ["merged", "adapter"])
-def test_disk_full_keeps_previous_export(target: str, bases: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_keeps_previous_export(
+    target: str, bases: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base_dir, adapter = bases["moe_vl_packed_mtp"]
     save_dir = tmp_path / "checkpoint"
     export_hf(adapter, base_dir, save_dir, step=1, progress=False)
@@ -293,7 +339,11 @@ def test_killed_export_keeps_previous_export(bases: dict, tmp_path: Path) -> Non
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", PYTHONPATH=str(REPO))
     process = subprocess.run(
         [sys.executable, "-c", KILLED_EXPORT, str(base_dir), str(save_dir), KIND_MOE_VL],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert process.returncode == -signal.SIGKILL, process.stderr
     after = snapshot(save_dir)
@@ -301,5 +351,9 @@ def test_killed_export_keeps_previous_export(bases: dict, tmp_path: Path) -> Non
     assert any(name.startswith(STAGING_DIR) for name in after)
 
     export_hf(adapter, base_dir, save_dir, step=3, progress=False)
-    assert sorted(p.name for p in save_dir.iterdir()) == sorted([ADAPTER_DIR, MANIFEST_FILE, MERGED_DIR])
-    assert tree_bytes(save_dir / MERGED_DIR) == {k.split("/", 1)[1]: v for k, v in before.items() if k.startswith(f"{MERGED_DIR}/")}
+    assert sorted(p.name for p in save_dir.iterdir()) == sorted(
+        [ADAPTER_DIR, MANIFEST_FILE, MERGED_DIR]
+    )
+    assert tree_bytes(save_dir / MERGED_DIR) == {
+        k.split("/", 1)[1]: v for k, v in before.items() if k.startswith(f"{MERGED_DIR}/")
+    }

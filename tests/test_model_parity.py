@@ -23,7 +23,9 @@ from tests.numerics import assert_within_floor, noise_floor, to_float64
 from tests.parity_runner import logit_weights, run_parity
 
 
-def _logits_and_embed_grad(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def _logits_and_embed_grad(
+    model: torch.nn.Module, input_ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The model's logits and embedding-table gradient for the loss sum(logits * W)."""
     logits = model(input_ids=input_ids).logits
     (logits * logit_weights(tuple(logits.shape)).to(logits.dtype)).sum().backward()
@@ -31,7 +33,9 @@ def _logits_and_embed_grad(model: torch.nn.Module, input_ids: torch.Tensor) -> d
 
 
 @pytest.fixture(scope="session")
-def reference(checkpoints: dict[str, str], input_ids: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+def reference(
+    checkpoints: dict[str, str], input_ids: torch.Tensor
+) -> dict[str, dict[str, torch.Tensor]]:
     """transformers' fp32 logits and embedding-table gradient, and their noise floors (their
     difference from the same model run in float64)."""
     out = {}
@@ -44,13 +48,20 @@ def reference(checkpoints: dict[str, str], input_ids: torch.Tensor) -> dict[str,
 
 
 @pytest.fixture(scope="session")
-def single_rank(checkpoints: dict[str, str], input_ids: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+def single_rank(
+    checkpoints: dict[str, str], input_ids: torch.Tensor
+) -> dict[str, dict[str, torch.Tensor]]:
     """Our TP=1 run, with the noise floors of its logits and embedding gradient (their difference
     from the same run in float64)."""
     fp32 = run_multirank(run_parity, 1, {}, checkpoints, input_ids)[0]
     fp64 = run_multirank(run_parity, 1, {}, checkpoints, input_ids, torch.float64)[0]
     for kind, ours in fp32.items():
-        ours.update({f"{key}_floor": noise_floor(ours[key], fp64[kind][key]) for key in ("logits", "embed_grad")})
+        ours.update(
+            {
+                f"{key}_floor": noise_floor(ours[key], fp64[kind][key])
+                for key in ("logits", "embed_grad")
+            }
+        )
     return fp32
 
 
@@ -60,7 +71,9 @@ def _text_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", [KIND_DENSE, KIND_MOE, KIND_MOE_VL])
-def test_tp1_matches_transformers(kind: str, single_rank: dict, reference: dict, checkpoints: dict) -> None:
+def test_tp1_matches_transformers(
+    kind: str, single_rank: dict, reference: dict, checkpoints: dict
+) -> None:
     ours, ref = single_rank[kind], reference[kind]
     for key in ("logits", "embed_grad"):
         floor = max(ours[f"{key}_floor"], ref[f"{key}_floor"])
@@ -76,13 +89,19 @@ def test_parallel_layout_matches_single_rank(
     layout: str, checkpoints: dict, input_ids: torch.Tensor, single_rank: dict, reference: dict
 ) -> None:
     world, parallel, kinds = LAYOUTS[layout]
-    results = run_multirank(run_parity, world, parallel, {k: checkpoints[k] for k in kinds}, input_ids)[0]
+    results = run_multirank(
+        run_parity, world, parallel, {k: checkpoints[k] for k in kinds}, input_ids
+    )[0]
     for kind in kinds:
         ours, single = results[kind], single_rank[kind]
         floor = max(single["logits_floor"], reference[kind]["logits_floor"])
-        assert_within_floor(ours["logits"], reference[kind]["logits"], floor, f"{kind}: logits vs transformers")
+        assert_within_floor(
+            ours["logits"], reference[kind]["logits"], floor, f"{kind}: logits vs transformers"
+        )
         grad_floor = single["embed_grad_floor"]
-        assert_within_floor(ours["embed_grad"], single["embed_grad"], grad_floor, f"{kind}: embed_grad vs TP=1")
+        assert_within_floor(
+            ours["embed_grad"], single["embed_grad"], grad_floor, f"{kind}: embed_grad vs TP=1"
+        )
         assert sorted(ours["hf_state"]) == sorted(single["hf_state"]), kind
         for name, tensor in single["hf_state"].items():
             assert torch.equal(ours["hf_state"][name], tensor), f"{kind}: {name}"

@@ -236,7 +236,12 @@ def _linear_errors(sp: bool) -> dict[str, float]:
         HIDDEN, 12, config=config, init_method=init, bias=True, gather_output=False
     )
     row = tensor_parallel.RowParallelLinear(
-        12, HIDDEN, config=config, init_method=init, bias=True, input_is_parallel=True,
+        12,
+        HIDDEN,
+        config=config,
+        init_method=init,
+        bias=True,
+        input_is_parallel=True,
         skip_bias_add=False,
     )
     tp_group = parallel_state.get_tensor_model_parallel_group()

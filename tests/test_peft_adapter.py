@@ -15,8 +15,6 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
 
-from tests.checkpoints import KIND_DENSE, KIND_MOE, KIND_MOE_VL, KINDS, build_hf_model, fixed_batch
-from tests.numerics import assert_differs, assert_within_floor, noise_floor, to_float64
 from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.peft_adapter import (
     CONFIG_FILE,
@@ -24,6 +22,8 @@ from lora_trainer.export.peft_adapter import (
     WEIGHTS_FILE,
     write_peft_adapter,
 )
+from tests.checkpoints import KIND_DENSE, KIND_MOE, KIND_MOE_VL, KINDS, build_hf_model, fixed_batch
+from tests.numerics import assert_differs, assert_within_floor, noise_floor, to_float64
 
 RANK = 4
 ALPHA = 8.0
@@ -87,7 +87,9 @@ def random_adapter(
             a_key = (parent, "fused" if fused else leaf)
             if a_key not in shared_a:
                 shared_a[a_key] = _random_a((RANK, module.in_features), generator)
-            linears[path] = HFLoraWeights(shared_a[a_key], _random_b((module.out_features, RANK), generator))
+            linears[path] = HFLoraWeights(
+                shared_a[a_key], _random_b((module.out_features, RANK), generator)
+            )
         if path.endswith("mlp.experts"):
             for proj in projections:
                 num_experts, fan_out, fan_in = getattr(module, proj).shape
@@ -106,7 +108,9 @@ def _random_b(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tenso
     return B_SCALE * torch.randn(shape, generator=generator) / math.sqrt(RANK)
 
 
-def merged_reference(model: torch.nn.Module, adapter: HFAdapter, *, with_experts: bool = True) -> torch.nn.Module:
+def merged_reference(
+    model: torch.nn.Module, adapter: HFAdapter, *, with_experts: bool = True
+) -> torch.nn.Module:
     """A copy of `model` with W + scale * b @ a (computed in float64) folded into every adapted HF weight."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
@@ -114,7 +118,9 @@ def merged_reference(model: torch.nn.Module, adapter: HFAdapter, *, with_experts
             delta = weights.b.double() @ weights.a.double()
             reference.get_submodule(adapter.text_prefix + path).weight.add_(adapter.scale * delta)
         for path, expert_weights in adapter.experts.items() if with_experts else ():
-            delta = torch.einsum("eor,eri->eoi", expert_weights.b.double(), expert_weights.a.double())
+            delta = torch.einsum(
+                "eor,eri->eoi", expert_weights.b.double(), expert_weights.a.double()
+            )
             reference.get_parameter(adapter.text_prefix + path).add_(adapter.scale * delta)
     return reference
 
@@ -165,7 +171,9 @@ def test_peft_profile_loads_and_matches_merged_reference(kind: str, tmp_path: Pa
     got = logits(peft_model)
 
     assert_differs(expected, base_logits, MOVES_LOGITS, f"{kind}: merged reference vs base")
-    assert_within_floor(got, expected, reference_floor(reference), f"{kind}: PEFT vs merged reference")
+    assert_within_floor(
+        got, expected, reference_floor(reference), f"{kind}: PEFT vs merged reference"
+    )
     wrapped = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
     assert not [name for name in wrapped if ".visual." in name]
     assert_fully_consumed(peft_model, tmp_path)
@@ -186,7 +194,9 @@ def test_single_expert_projection_with_rslora(projections: tuple[str, ...], tmp_
     peft_model = load_peft(base, tmp_path)
 
     floor = reference_floor(reference)
-    assert_within_floor(logits(peft_model), expected, floor, f"{projections}: PEFT vs merged reference")
+    assert_within_floor(
+        logits(peft_model), expected, floor, f"{projections}: PEFT vs merged reference"
+    )
     assert_fully_consumed(peft_model, tmp_path)
 
 
@@ -215,7 +225,10 @@ def test_expert_keys_match_peft_nesting(target_parameters: list[str], tmp_path: 
     )
     peft_model = get_peft_model(build_hf_model(KIND_MOE), config)
     experts = peft_model.get_submodule("base_model.model.model.layers.0.mlp.experts")
-    assert (experts.parameter_name, experts.base_layer.parameter_name) == ("down_proj", "gate_up_proj")
+    assert (experts.parameter_name, experts.base_layer.parameter_name) == (
+        "down_proj",
+        "gate_up_proj",
+    )
     saved = {key: tuple(t.shape) for key, t in get_peft_model_state_dict(peft_model).items()}
     assert written == saved
 
@@ -243,7 +256,9 @@ def test_expert_major_lora_b_loads_but_gives_wrong_logits(tmp_path: Path) -> Non
     save_file(tensors, str(file), metadata={"format": "pt"})
 
     peft_model = load_peft(base, tmp_path)
-    assert_differs(logits(peft_model), expected, MOVES_LOGITS, "expert-major lora_B vs merged reference")
+    assert_differs(
+        logits(peft_model), expected, MOVES_LOGITS, "expert-major lora_B vs merged reference"
+    )
     assert_fully_consumed(peft_model, tmp_path)
 
 
@@ -307,7 +322,9 @@ def test_per_expert_profile(kind: str, tmp_path: Path) -> None:
             for i, part in enumerate(split[proj]):
                 key = f"{stem}{module}.{e}.{part}"
                 assert torch.equal(tensors[f"{key}.lora_A.weight"], weights.a[e])
-                assert torch.equal(tensors[f"{key}.lora_B.weight"], weights.b[e, i * rows : (i + 1) * rows])
+                assert torch.equal(
+                    tensors[f"{key}.lora_B.weight"], weights.b[e, i * rows : (i + 1) * rows]
+                )
     assert tensors[f"{stem}layers.0.mlp.experts.0.gate_proj.lora_A.weight"].shape == (RANK, 64)
     assert tensors[f"{stem}layers.0.mlp.experts.0.up_proj.lora_B.weight"].shape == (24, RANK)
     assert tensors[f"{stem}layers.0.mlp.experts.0.down_proj.lora_A.weight"].shape == (RANK, 24)
@@ -316,7 +333,9 @@ def test_per_expert_profile(kind: str, tmp_path: Path) -> None:
     reference = merged_reference(base, adapter, with_experts=False)
     peft_model = load_peft(base, tmp_path)
     floor = reference_floor(reference)
-    assert_within_floor(logits(peft_model), logits(reference), floor, f"{kind}: PEFT vs linears-only reference")
+    assert_within_floor(
+        logits(peft_model), logits(reference), floor, f"{kind}: PEFT vs linears-only reference"
+    )
     result = peft_model.load_adapter(tmp_path, adapter_name="check")
     assert result.missing_keys == []
     assert result.unexpected_keys
@@ -332,18 +351,24 @@ def test_dtype_contiguity_and_errors(tmp_path: Path) -> None:
         "layers.0.self_attn.q_proj": HFLoraWeights(a, torch.randn(8, 2)),
         "layers.0.self_attn.k_proj": HFLoraWeights(a, torch.randn(4, 2)),
     }
-    adapter = HFAdapter(linears, {"layers.0.mlp.experts.down_proj": experts}, 2, 2.5, False, "model.", "x")
+    adapter = HFAdapter(
+        linears, {"layers.0.mlp.experts.down_proj": experts}, 2, 2.5, False, "model.", "x"
+    )
 
     files = write_peft_adapter(adapter, tmp_path, dtype=torch.bfloat16)
 
     assert files == [tmp_path / WEIGHTS_FILE, tmp_path / CONFIG_FILE]
     tensors = load_file(str(files[0]))
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    assert torch.equal(tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"], a.bfloat16())
+    assert torch.equal(
+        tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"], a.bfloat16()
+    )
     assert json.loads(files[1].read_text())["lora_alpha"] == 2.5
     with pytest.raises(ValueError, match="profile"):
         write_peft_adapter(adapter, tmp_path, profile="vllm")  # type: ignore[arg-type]
-    unknown_projection = HFAdapter({}, {"layers.0.mlp.experts.up_proj": experts}, 2, 2.5, False, "model.", "x")
+    unknown_projection = HFAdapter(
+        {}, {"layers.0.mlp.experts.up_proj": experts}, 2, 2.5, False, "model.", "x"
+    )
     with pytest.raises(ValueError, match="routed-expert"):
         write_peft_adapter(unknown_projection, tmp_path)
     with pytest.raises(ValueError, match="rank"):

@@ -19,20 +19,33 @@ LORA = {
 TOL = 1e-6
 
 
-LAYOUTS = {"pp1": (1, {}, (KIND_DENSE, KIND_MOE_VL)), "pp2": (2, {"pp": 2}, (KIND_DENSE, KIND_MOE_VL)),
-           "ep2": (2, {"ep": 2}, (KIND_MOE_VL,))}
+LAYOUTS = {
+    "pp1": (1, {}, (KIND_DENSE, KIND_MOE_VL)),
+    "pp2": (2, {"pp": 2}, (KIND_DENSE, KIND_MOE_VL)),
+    "ep2": (2, {"ep": 2}, (KIND_MOE_VL,)),
+}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_selective_and_full_recompute_equal_no_recompute(layout: str, checkpoints: dict, input_ids: torch.Tensor) -> None:
+def test_selective_and_full_recompute_equal_no_recompute(
+    layout: str, checkpoints: dict, input_ids: torch.Tensor
+) -> None:
     world, parallel, kinds = LAYOUTS[layout]
-    results = run_multirank(run_recompute, world, parallel, {k: checkpoints[k] for k in kinds}, input_ids, LORA)[0]
+    results = run_multirank(
+        run_recompute, world, parallel, {k: checkpoints[k] for k in kinds}, input_ids, LORA
+    )[0]
     for kind in kinds:
         reference = results[kind]["none"]
-        ref_grads, ref_adapter = _adapter_tensors(reference["grads"]), _adapter_tensors(reference["adapter"])
+        ref_grads, ref_adapter = (
+            _adapter_tensors(reference["grads"]),
+            _adapter_tensors(reference["adapter"]),
+        )
         assert all(g.abs().sum() > 0 for g in ref_grads.values()), kind
         for mode in ("selective", "full"):
-            grads, adapter = _adapter_tensors(results[kind][mode]["grads"]), _adapter_tensors(results[kind][mode]["adapter"])
+            grads, adapter = (
+                _adapter_tensors(results[kind][mode]["grads"]),
+                _adapter_tensors(results[kind][mode]["adapter"]),
+            )
             for name, grad in ref_grads.items():
                 assert (grads[name] - grad).abs().max().item() <= TOL, f"{kind} {mode}: grad {name}"
             for name, tensor in ref_adapter.items():

@@ -52,7 +52,7 @@ def _save_sharded(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
     for file, shard_names in halves.items():
         shard = {n: tensors[n] for n in shard_names}
         save_file(shard, str(directory / file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in shard_names})
+        weight_map.update(dict.fromkeys(shard_names, file))
     index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index))
     return directory
@@ -258,8 +258,14 @@ def test_error_index_points_to_wrong_shard(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("start", "stop", "dim", "match"),
-    [(0, 7, 0, r"\[0:7\].*size 6"), (4, 2, 0, r"\[4:2\]"), (-1, 2, 0, r"\[-1:2\]"),
-     (0, 9, 1, "size 8"), (0, 1, 2, "has 2 dims"), (0, 1, -3, "has 2 dims")],
+    [
+        (0, 7, 0, r"\[0:7\].*size 6"),
+        (4, 2, 0, r"\[4:2\]"),
+        (-1, 2, 0, r"\[-1:2\]"),
+        (0, 9, 1, "size 8"),
+        (0, 1, 2, "has 2 dims"),
+        (0, 1, -3, "has 2 dims"),
+    ],
 )
 def test_error_slice_out_of_range(
     checkpoint: tuple[Path, dict[str, torch.Tensor]], start: int, stop: int, dim: int, match: str

@@ -23,7 +23,9 @@ from tests.parity_runner import run_packing
 REPO = Path(__file__).resolve().parent.parent
 TINY_CACHE = REPO / ".cache" / "tiny_models"
 COMMON = [
-    "data.max_seq_len=64", "trainer.global_batch_size=4", "trainer.micro_batch_size=1",
+    "data.max_seq_len=64",
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=1",
     f"model.tiny_cache_dir={TINY_CACHE}",
 ]
 
@@ -33,17 +35,25 @@ def train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]
     env.update(TORCHDYNAMO_DISABLE="1", HOME=str(output_dir))
     run = subprocess.run(
         [sys.executable, "train.py", f"output_dir={output_dir}", *COMMON, *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return run
 
 
-SHIPPED_DATA = Path(__file__).resolve().parents[1] / "lora_trainer" / "data" / "assets" / "tiny_sft.jsonl"
+SHIPPED_DATA = (
+    Path(__file__).resolve().parents[1] / "lora_trainer" / "data" / "assets" / "tiny_sft.jsonl"
+)
 
 
 def losses(output_dir: Path, key: str = "train/loss") -> list[float]:
-    records = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()
+    ]
     return [record[key] for record in records if key in record]
 
 
@@ -56,8 +66,17 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 steps with TP=2 + SP on 2 ranks, a save every 2 steps, the export check on, wandb
     without credentials (so offline)."""
     out = tmp_path_factory.mktemp("straight")
-    run = train(out, "trainer.max_steps=4", "checkpoint.every_n_steps=2", "parallel.ep=1", "parallel.tp=2",
-          "parallel.sp=true", "optim.warmup_steps=3", "optim.min_lr=3e-3", "export.check=true")
+    run = train(
+        out,
+        "trainer.max_steps=4",
+        "checkpoint.every_n_steps=2",
+        "parallel.ep=1",
+        "parallel.tp=2",
+        "parallel.sp=true",
+        "optim.warmup_steps=3",
+        "optim.min_lr=3e-3",
+        "export.check=true",
+    )
     assert "logging offline" in run.stdout + run.stderr
     assert list((out / "wandb").glob("offline-run-*"))
     return out
@@ -65,16 +84,25 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_ranks_train_and_export_loadable_adapter_and_merged(straight_run: Path) -> None:
     save = straight_run / "checkpoints" / "step-4"
-    assert sorted(p.name for p in save.iterdir()) == ["export_manifest.json", "hf_adapter", "hf_merged", "training_state"]
+    assert sorted(p.name for p in save.iterdir()) == [
+        "export_manifest.json",
+        "hf_adapter",
+        "hf_merged",
+        "training_state",
+    ]
     manifest = json.loads((save / "export_manifest.json").read_text())
     assert manifest["check"]["passed"], manifest["check"]
     tensors = adapter_tensors(save)
     b_norms = [t.abs().sum().item() for k, t in tensors.items() if "lora_B" in k]
     assert b_norms and all(norm > 0 for norm in b_norms)
-    base_path = json.loads((save / "hf_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_path = json.loads((save / "hf_adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), save / "hf_adapter")
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base_path), save / "hf_adapter"
+        )
         merged = AutoModelForCausalLM.from_pretrained(save / "hf_merged")
         peft_logits, merged_logits = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
         floor = max(
@@ -86,17 +114,34 @@ def test_two_ranks_train_and_export_loadable_adapter_and_merged(straight_run: Pa
         # learning is checked on fixed rows: the shipped data's first 64 conversations.
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         rows = [json.loads(line)["messages"] for line in SHIPPED_DATA.read_text().splitlines()[:64]]
-        batches = [tokenizer.apply_chat_template(m, return_tensors="pt", return_dict=True)["input_ids"] for m in rows]
-        trained = sum(peft_model(input_ids=ids, labels=ids).loss.item() for ids in batches) / len(batches)
+        batches = [
+            tokenizer.apply_chat_template(m, return_tensors="pt", return_dict=True)["input_ids"]
+            for m in rows
+        ]
+        trained = sum(peft_model(input_ids=ids, labels=ids).loss.item() for ids in batches) / len(
+            batches
+        )
         with peft_model.disable_adapter():
-            base = sum(peft_model(input_ids=ids, labels=ids).loss.item() for ids in batches) / len(batches)
-    assert trained < base, f"the adapter does not lower the loss of the training rows: {trained} >= {base}"
+            base = sum(peft_model(input_ids=ids, labels=ids).loss.item() for ids in batches) / len(
+                batches
+            )
+    assert trained < base, (
+        f"the adapter does not lower the loss of the training rows: {trained} >= {base}"
+    )
     assert len(losses(straight_run)) == 4
 
 
-def test_resume_gives_the_same_adapter_as_a_straight_run(straight_run: Path, tmp_path: Path) -> None:
-    args = ["checkpoint.every_n_steps=2", "parallel.ep=1", "parallel.tp=2", "parallel.sp=true",
-            "optim.warmup_steps=3", "optim.min_lr=3e-3"]
+def test_resume_gives_the_same_adapter_as_a_straight_run(
+    straight_run: Path, tmp_path: Path
+) -> None:
+    args = [
+        "checkpoint.every_n_steps=2",
+        "parallel.ep=1",
+        "parallel.tp=2",
+        "parallel.sp=true",
+        "optim.warmup_steps=3",
+        "optim.min_lr=3e-3",
+    ]
     val = ["data.val_path=lora_trainer/data/assets/tiny_sft.jsonl", "trainer.val_every_n_steps=2"]
     train(tmp_path, "trainer.max_steps=2", "logger=none", *args, *val)
     train(tmp_path, "trainer.max_steps=4", "resume=latest", "logger=none", *args)
@@ -111,20 +156,32 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(straight_run: Path, tmp
 
 
 @pytest.mark.parametrize("kind", [KIND_DENSE, KIND_MOE_VL])
-def test_packed_samples_give_the_logits_of_each_sample_alone(kind: str, checkpoints: dict[str, str]) -> None:
+def test_packed_samples_give_the_logits_of_each_sample_alone(
+    kind: str, checkpoints: dict[str, str]
+) -> None:
     generator = torch.Generator().manual_seed(4)
     samples = [torch.randint(1, 256, (n,), generator=generator).tolist() for n in (9, 14, 5, 11, 7)]
     result = run_multirank(run_packing, 1, {}, checkpoints[kind], samples, 32)[0]
     exact = run_multirank(run_packing, 1, {}, checkpoints[kind], samples, 32, torch.float64)[0]
-    floor = max(noise_floor(alone, alone_fp64) for alone, alone_fp64 in zip(result["alone"], exact["alone"]))
+    floor = max(
+        noise_floor(alone, alone_fp64) for alone, alone_fp64 in zip(result["alone"], exact["alone"])
+    )
     for i, (alone, packed) in enumerate(zip(result["alone"], result["packed"])):
         assert_within_floor(packed, alone, floor, f"{kind}: sample {i} packed vs alone")
 
 
 def test_default_expert_parallel_layout_trains_and_passes_the_export_check(tmp_path: Path) -> None:
     """The embedded default's layout (EP=2 on 2 ranks) with the export check on."""
-    train(tmp_path, "trainer.max_steps=2", "checkpoint.every_n_steps=2", "logger=none", "export.check=true")
-    manifest = json.loads((tmp_path / "checkpoints" / "step-2" / "export_manifest.json").read_text())
+    train(
+        tmp_path,
+        "trainer.max_steps=2",
+        "checkpoint.every_n_steps=2",
+        "logger=none",
+        "export.check=true",
+    )
+    manifest = json.loads(
+        (tmp_path / "checkpoints" / "step-2" / "export_manifest.json").read_text()
+    )
     assert manifest["check"]["passed"], manifest["check"]
     tensors = adapter_tensors(tmp_path / "checkpoints" / "step-2")
     expert_b = [t for k, t in tensors.items() if "mlp.experts" in k and "lora_B" in k]

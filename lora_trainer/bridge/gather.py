@@ -70,7 +70,9 @@ def assemble_hf_names(refs: dict[HFRef, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def gather_hf_state_dict(model: Qwen35Model, expert_layout: ExpertLayout) -> dict[str, torch.Tensor]:
+def gather_hf_state_dict(
+    model: Qwen35Model, expert_layout: ExpertLayout
+) -> dict[str, torch.Tensor]:
     """Every text tensor of the model under its HF checkpoint name, on every rank."""
     mappings = model_mapping(model, expert_layout)
     local = gather_mapped(dict(model.named_parameters()), mappings)

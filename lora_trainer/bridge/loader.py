@@ -13,7 +13,12 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from lora_trainer.bridge.mapping import ExpertLayout, ParamMapping, build_mapping, is_skipped_hf_name
+from lora_trainer.bridge.mapping import (
+    ExpertLayout,
+    ParamMapping,
+    build_mapping,
+    is_skipped_hf_name,
+)
 from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.bridge.transforms import HFRef
 from lora_trainer.errors import CheckpointError
@@ -39,7 +44,9 @@ class CheckpointSource:
 
 def detect_expert_layout(reader: CheckpointReader) -> ExpertLayout:
     """`packed` when the checkpoint stores `mlp.experts.gate_up_proj`, else `per_expert`."""
-    return "packed" if any(_PACKED_EXPERTS.search(name) for name in reader.names()) else "per_expert"
+    return (
+        "packed" if any(_PACKED_EXPERTS.search(name) for name in reader.names()) else "per_expert"
+    )
 
 
 def local_expert_range(num_experts: int) -> range:
@@ -97,12 +104,16 @@ def _check_tensors(reader: CheckpointReader, mappings: list[ParamMapping], path:
                 )
 
 
-def _check_no_unknown_tensors(reader: CheckpointReader, spec_prefix: str, known: set[str], path: Path) -> None:
+def _check_no_unknown_tensors(
+    reader: CheckpointReader, spec_prefix: str, known: set[str], path: Path
+) -> None:
     """Text-model tensors that no rule reads mean the checkpoint is not the model it claims."""
     unknown = [
-        name for name in reader.names()
-        if name not in known and not is_skipped_hf_name(name)
-        and (name.startswith(spec_prefix) or name.startswith("lm_head."))
+        name
+        for name in reader.names()
+        if name not in known
+        and not is_skipped_hf_name(name)
+        and (name.startswith((spec_prefix, "lm_head.")))
     ]
     if unknown:
         raise CheckpointError(
@@ -121,19 +132,29 @@ def load_hf_checkpoint(model: Qwen35Model, path: str | Path) -> ExpertLayout:
         mappings = model_mapping(model, layout)
         _check_tensors(reader, mappings, path)
         all_rules = build_mapping(
-            model.spec, range(model.spec.num_layers), first_stage=True, last_stage=True,
-            local_experts=range(model.spec.num_experts), expert_layout=layout,
+            model.spec,
+            range(model.spec.num_layers),
+            first_stage=True,
+            last_stage=True,
+            local_experts=range(model.spec.num_experts),
+            expert_layout=layout,
         )
         known = {block.ref.name for m in all_rules for block in m.transform.blocks()}
         _check_no_unknown_tensors(reader, model.spec.text_prefix, known, path)
         skipped = sum(1 for name in reader.names() if is_skipped_hf_name(name))
         if skipped:
-            log.info("Checkpoint %s: %d vision / MTP tensors are not trained and are left as they are", path, skipped)
+            log.info(
+                "Checkpoint %s: %d vision / MTP tensors are not trained and are left as they are",
+                path,
+                skipped,
+            )
         source = CheckpointSource(reader)
         params = dict(model.named_parameters())
         for mapping in mappings:
             if mapping.megatron_name not in params:
-                raise CheckpointError(f"internal: the model has no parameter {mapping.megatron_name}")
+                raise CheckpointError(
+                    f"internal: the model has no parameter {mapping.megatron_name}"
+                )
             param = mapping.local_tensor(params)
             rank, size = group_rank_size(mapping.group)
             value = mapping.transform.shard(source, rank, size)

@@ -19,7 +19,14 @@ from typing import Literal
 
 import torch
 
-from lora_trainer.bridge.transforms import Block, GatedQKV, HFRef, Replicated, SplitBlocks, Transform
+from lora_trainer.bridge.transforms import (
+    Block,
+    GatedQKV,
+    HFRef,
+    Replicated,
+    SplitBlocks,
+    Transform,
+)
 from lora_trainer.qwen35.spec import Qwen35Spec
 
 SplitGroup = Literal["tp", "etp", "none"]
@@ -116,22 +123,32 @@ def _gdn_in_proj(s: Qwen35Spec, n: Names) -> Transform:
 
 def _gdn_conv(s: Qwen35Spec, n: Names) -> Transform:
     ref = n.layer_ref("linear_attn.conv1d.weight")
-    return SplitBlocks(tuple(_gdn_qkv_blocks(s, ref, (s.gdn_conv_dim, 1, s.linear_conv_kernel_dim))))
+    return SplitBlocks(
+        tuple(_gdn_qkv_blocks(s, ref, (s.gdn_conv_dim, 1, s.linear_conv_kernel_dim)))
+    )
 
 
 def _heads(suffix: str) -> Callable[[Qwen35Spec, Names], Transform]:
     return lambda s, n: SplitBlocks((_whole(n.layer_ref(suffix), (s.linear_num_value_heads,)),))
 
 
-def _norm(suffix: str, size: Callable[[Qwen35Spec], int]) -> Callable[[Qwen35Spec, Names], Transform]:
+def _norm(
+    suffix: str, size: Callable[[Qwen35Spec], int]
+) -> Callable[[Qwen35Spec, Names], Transform]:
     return lambda s, n: Replicated(_whole(n.layer_ref(suffix), (size(s),)))
 
 
-def _row(suffix: str, cols: Callable[[Qwen35Spec], int]) -> Callable[[Qwen35Spec, Names], Transform]:
-    return lambda s, n: SplitBlocks((_whole(n.layer_ref(suffix), (s.hidden_size, cols(s)), dim=1),), dim=1)
+def _row(
+    suffix: str, cols: Callable[[Qwen35Spec], int]
+) -> Callable[[Qwen35Spec, Names], Transform]:
+    return lambda s, n: SplitBlocks(
+        (_whole(n.layer_ref(suffix), (s.hidden_size, cols(s)), dim=1),), dim=1
+    )
 
 
-def _gated_fc1(prefix: str, width: Callable[[Qwen35Spec], int]) -> Callable[[Qwen35Spec, Names], Transform]:
+def _gated_fc1(
+    prefix: str, width: Callable[[Qwen35Spec], int]
+) -> Callable[[Qwen35Spec, Names], Transform]:
     return lambda s, n: SplitBlocks(
         (
             _rows(n, f"{prefix}.gate_proj.weight", width(s), s.hidden_size),
@@ -165,23 +182,77 @@ _H = lambda s: s.hidden_size  # noqa: E731
 # (where, megatron name relative to the layer, split group, transform factory)
 LAYER_RULES: tuple[tuple[Where, str, SplitGroup, Callable[[Qwen35Spec, Names], Transform]], ...] = (
     (Where.EVERY_LAYER, "input_layernorm.weight", "none", _norm("input_layernorm.weight", _H)),
-    (Where.EVERY_LAYER, "pre_mlp_layernorm.weight", "none", _norm("post_attention_layernorm.weight", _H)),
+    (
+        Where.EVERY_LAYER,
+        "pre_mlp_layernorm.weight",
+        "none",
+        _norm("post_attention_layernorm.weight", _H),
+    ),
     (Where.ATTENTION, "self_attention.linear_qkv.weight", "tp", _gated_qkv),
-    (Where.ATTENTION, "self_attention.q_layernorm.weight", "none", _norm("self_attn.q_norm.weight", lambda s: s.head_dim)),
-    (Where.ATTENTION, "self_attention.k_layernorm.weight", "none", _norm("self_attn.k_norm.weight", lambda s: s.head_dim)),
-    (Where.ATTENTION, "self_attention.linear_proj.weight", "tp", _row("self_attn.o_proj.weight", lambda s: s.num_attention_heads * s.head_dim)),
+    (
+        Where.ATTENTION,
+        "self_attention.q_layernorm.weight",
+        "none",
+        _norm("self_attn.q_norm.weight", lambda s: s.head_dim),
+    ),
+    (
+        Where.ATTENTION,
+        "self_attention.k_layernorm.weight",
+        "none",
+        _norm("self_attn.k_norm.weight", lambda s: s.head_dim),
+    ),
+    (
+        Where.ATTENTION,
+        "self_attention.linear_proj.weight",
+        "tp",
+        _row("self_attn.o_proj.weight", lambda s: s.num_attention_heads * s.head_dim),
+    ),
     (Where.GDN, "self_attention.in_proj.weight", "tp", _gdn_in_proj),
     (Where.GDN, "self_attention.conv1d_weight", "tp", _gdn_conv),
     (Where.GDN, "self_attention.A_log", "tp", _heads("linear_attn.A_log")),
     (Where.GDN, "self_attention.dt_bias", "tp", _heads("linear_attn.dt_bias")),
-    (Where.GDN, "self_attention.out_norm.weight", "none", _norm("linear_attn.norm.weight", lambda s: s.linear_value_head_dim)),
-    (Where.GDN, "self_attention.out_proj.weight", "tp", _row("linear_attn.out_proj.weight", lambda s: s.gdn_value_dim)),
+    (
+        Where.GDN,
+        "self_attention.out_norm.weight",
+        "none",
+        _norm("linear_attn.norm.weight", lambda s: s.linear_value_head_dim),
+    ),
+    (
+        Where.GDN,
+        "self_attention.out_proj.weight",
+        "tp",
+        _row("linear_attn.out_proj.weight", lambda s: s.gdn_value_dim),
+    ),
     (Where.DENSE, "mlp.linear_fc1.weight", "tp", _gated_fc1("mlp", _DENSE)),
     (Where.DENSE, "mlp.linear_fc2.weight", "tp", _row("mlp.down_proj.weight", _DENSE)),
-    (Where.MOE, "mlp.router.weight", "none", lambda s, n: Replicated(_whole(n.layer_ref("mlp.gate.weight"), (s.num_experts, s.hidden_size)))),
-    (Where.MOE, "mlp.shared_experts.linear_fc1.weight", "tp", _gated_fc1("mlp.shared_expert", _SHARED)),
-    (Where.MOE, "mlp.shared_experts.linear_fc2.weight", "tp", _row("mlp.shared_expert.down_proj.weight", _SHARED)),
-    (Where.MOE, "mlp.shared_experts.gate_weight", "none", lambda s, n: Replicated(_whole(n.layer_ref("mlp.shared_expert_gate.weight"), (1, s.hidden_size)))),
+    (
+        Where.MOE,
+        "mlp.router.weight",
+        "none",
+        lambda s, n: Replicated(
+            _whole(n.layer_ref("mlp.gate.weight"), (s.num_experts, s.hidden_size))
+        ),
+    ),
+    (
+        Where.MOE,
+        "mlp.shared_experts.linear_fc1.weight",
+        "tp",
+        _gated_fc1("mlp.shared_expert", _SHARED),
+    ),
+    (
+        Where.MOE,
+        "mlp.shared_experts.linear_fc2.weight",
+        "tp",
+        _row("mlp.shared_expert.down_proj.weight", _SHARED),
+    ),
+    (
+        Where.MOE,
+        "mlp.shared_experts.gate_weight",
+        "none",
+        lambda s, n: Replicated(
+            _whole(n.layer_ref("mlp.shared_expert_gate.weight"), (1, s.hidden_size))
+        ),
+    ),
     (Where.EXPERT, "mlp.experts.linear_fc1.weight", "etp", _expert_fc1),
     (Where.EXPERT, "mlp.experts.linear_fc2.weight", "etp", _expert_fc2),
 )
@@ -218,17 +289,28 @@ def build_mapping(
             if not _layer_applies(where, spec, layer):
                 continue
             if where != Where.EXPERT:
-                mappings.append(ParamMapping(f"layers.{layer}.{name}", group, factory(spec, Names(spec, layer))))
+                mappings.append(
+                    ParamMapping(f"layers.{layer}.{name}", group, factory(spec, Names(spec, layer)))
+                )
                 continue
             for slot, expert in enumerate(local_experts):
                 n = Names(spec, layer, expert, expert_layout)
-                mappings.append(ParamMapping(f"layers.{layer}.{name}", group, factory(spec, n), expert_slot=slot))
+                mappings.append(
+                    ParamMapping(
+                        f"layers.{layer}.{name}", group, factory(spec, n), expert_slot=slot
+                    )
+                )
     if last_stage:
         final_norm = _whole(names.text("norm.weight"), (spec.hidden_size,))
         mappings.append(ParamMapping("final_layernorm.weight", "none", Replicated(final_norm)))
         head = embed if spec.tie_word_embeddings else _whole(HFRef("lm_head.weight"), embed.shape)
         mappings.append(
-            ParamMapping("output_layer.weight", "tp", SplitBlocks((head,)), exported=not spec.tie_word_embeddings)
+            ParamMapping(
+                "output_layer.weight",
+                "tp",
+                SplitBlocks((head,)),
+                exported=not spec.tie_word_embeddings,
+            )
         )
     return mappings
 

@@ -112,7 +112,7 @@ class CheckpointReader:
             )
         single = self.model_dir / SINGLE_FILE
         if single.is_file():
-            return {name: single for name in self._handle(single).keys()}
+            return dict.fromkeys(self._handle(single).keys(), single)
         if (self.model_dir / INDEX_FILE).is_file():
             return _weight_map_from_index(self.model_dir)
         raise CheckpointError(

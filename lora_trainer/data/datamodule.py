@@ -86,7 +86,9 @@ class SFTDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.train_sources = parse_sources(train_path, "data.train_path")
-        self.val_sources = parse_sources(val_path, "data.val_path") if val_path is not None else None
+        self.val_sources = (
+            parse_sources(val_path, "data.val_path") if val_path is not None else None
+        )
         self.model_dir = Path(model_dir)
         self.max_seq_len = max_seq_len
         self.settings = TokenizeSettings(max_seq_len, train_on, enable_thinking, overlong)

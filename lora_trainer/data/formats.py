@@ -122,7 +122,9 @@ def _text(content: Any, where: str) -> str | None:
             if not isinstance(part, Mapping):
                 raise ValueError(f"{where}[{j}] must be an object, got {type(part).__name__}")
             kind = part.get("type")
-            if kind in MEDIA_PART_TYPES or any(part.get(key) is not None for key in MEDIA_PART_TYPES):
+            if kind in MEDIA_PART_TYPES or any(
+                part.get(key) is not None for key in MEDIA_PART_TYPES
+            ):
                 raise ValueError(
                     f"{where}[{j}] is an {kind or 'image/video'} part; only text is trained "
                     "(image and video training is not supported): remove such samples"
@@ -131,7 +133,9 @@ def _text(content: Any, where: str) -> str | None:
                 raise ValueError(f'{where}[{j}] needs a string "text"')
             texts.append(part["text"])
         return "".join(texts)
-    raise ValueError(f"{where} must be a string, null or a list of text parts, got {type(content).__name__}")
+    raise ValueError(
+        f"{where} must be a string, null or a list of text parts, got {type(content).__name__}"
+    )
 
 
 def _tool_call(call: Any, where: str) -> dict[str, Any]:
@@ -154,7 +158,10 @@ def _message(item: Any, where: str) -> dict[str, Any]:
     role = item.get("role")
     if role not in ROLES:
         raise ValueError(f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}")
-    message: dict[str, Any] = {"role": role, "content": _text(item.get("content"), f"{where}.content")}
+    message: dict[str, Any] = {
+        "role": role,
+        "content": _text(item.get("content"), f"{where}.content"),
+    }
     if role == "assistant":
         reasoning = item.get("reasoning_content")
         if reasoning is not None:
@@ -193,10 +200,10 @@ def _sharegpt(turns: Any, system: Any, where: str) -> list[dict[str, Any]]:
         sender, value = turn.get("from"), turn.get("value")
         if sender not in SHAREGPT_ROLES:
             raise ValueError(
-                f'{at}.from is {sender!r}; expected one of {", ".join(SHAREGPT_ROLES)}'
+                f"{at}.from is {sender!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
             )
         if not isinstance(value, str):
-            raise ValueError(f'{at}.value must be a string, got {type(value).__name__}')
+            raise ValueError(f"{at}.value must be a string, got {type(value).__name__}")
         if sender == "function_call":
             calls = _json_value(value, f"{at}.value", object)
             calls = calls if isinstance(calls, list) else [calls]
@@ -230,7 +237,11 @@ def parse_record(record: Any, columns: Columns = Columns(), location: str = "") 
         raise ValueError(f"expected an object, got {type(record).__name__}")
     _refuse_media(record)
     c = columns
-    present = [key for key in (c.messages, c.conversations, c.prompt, c.completion) if record.get(key) is not None]
+    present = [
+        key
+        for key in (c.messages, c.conversations, c.prompt, c.completion)
+        if record.get(key) is not None
+    ]
     chat = c.messages in present or c.conversations in present
     prompt = c.prompt in present or c.completion in present
     if chat and prompt:
@@ -242,7 +253,9 @@ def parse_record(record: Any, columns: Columns = Columns(), location: str = "") 
     if c.messages in present:
         items = record[c.messages]
         if not isinstance(items, list | tuple):
-            raise ValueError(f'"{c.messages}" must be a list of objects, got {type(items).__name__}')
+            raise ValueError(
+                f'"{c.messages}" must be a list of objects, got {type(items).__name__}'
+            )
         messages = [_message(item, f"{c.messages}[{i}]") for i, item in enumerate(items)]
         _check_chat(messages, f'"{c.messages}"')
     elif c.conversations in present:

@@ -83,7 +83,9 @@ class Summary:
         }
         for name, what in described.items():
             if self.counts.get(name):
-                parts.append(f"{self.counts[name]} {what}: {', '.join(self.examples.get(name, []))}")
+                parts.append(
+                    f"{self.counts[name]} {what}: {', '.join(self.examples.get(name, []))}"
+                )
         return "; ".join(parts)
 
 
@@ -106,7 +108,9 @@ def parse_sources(value: Any, key: str) -> tuple[SourceSpec, ...]:
             raise DataError(f"{where} must be a path or {{path: ..., weight: ...}}, got {item!r}")
         unknown = sorted(set(item) - {"path", "weight", "samples"})
         if unknown:
-            raise DataError(f"{where} has unknown key(s) {', '.join(unknown)}; use path, weight or samples")
+            raise DataError(
+                f"{where} has unknown key(s) {', '.join(unknown)}; use path, weight or samples"
+            )
         weight, samples = item.get("weight"), item.get("samples")
         if weight is not None and samples is not None:
             raise DataError(f"{where} has both weight and samples; give one")
@@ -128,7 +132,9 @@ def _tokenizer_fingerprint(model_dir: Path, tokenizer: Any) -> list[Any]:
     return [files, getattr(tokenizer, "chat_template", None)]
 
 
-def cache_key(source: Source, model_dir: Path, tokenizer: Any, settings: TokenizeSettings, columns: Columns) -> str:
+def cache_key(
+    source: Source, model_dir: Path, tokenizer: Any, settings: TokenizeSettings, columns: Columns
+) -> str:
     """The hash naming a source's tokenized folder (see the module docstring)."""
     blob = json.dumps(
         {
@@ -165,7 +171,13 @@ def _tokenize_batch(
     tokenize = _sample_tokenizer(model_dir, settings)
     json_rows = "text" in batch and locator.source.kind in ("jsonl", "json_array")
     out: dict[str, list[Any]] = {
-        "input_ids": [], "loss_mask": [], "length": [], "status": [], "row": [], "shard": [], "line": []
+        "input_ids": [],
+        "loss_mask": [],
+        "length": [],
+        "status": [],
+        "row": [],
+        "shard": [],
+        "line": [],
     }
     for k, index in enumerate(indices):
         shard, line = (batch["shard"][k], batch["line"][k]) if json_rows else (0, 0)
@@ -174,7 +186,9 @@ def _tokenize_batch(
             try:
                 record = json.loads(batch["text"][k])
             except json.JSONDecodeError as err:
-                raise DataError(f"{location}: invalid JSON: {err.msg} (column {err.colno})") from err
+                raise DataError(
+                    f"{location}: invalid JSON: {err.msg} (column {err.colno})"
+                ) from err
         else:
             record = {name: values[k] for name, values in batch.items()}
         try:
@@ -222,14 +236,18 @@ def _summarize(tokenized: Any, locator: Locator) -> Summary:
         counts += np.bincount(status, minlength=len(Status))
         for kind, rows in firsts.items():
             if len(rows) < MAX_LOCATIONS:
-                rows += (np.flatnonzero(status == kind)[: MAX_LOCATIONS - len(rows)] + offset).tolist()
+                rows += (
+                    np.flatnonzero(status == kind)[: MAX_LOCATIONS - len(rows)] + offset
+                ).tolist()
         offset += len(status)
     examples = {}
     for kind, rows in firsts.items():
         if rows:
             first = tokenized.select(rows).select_columns(["row", "shard", "line"])
             examples[kind.name] = [locator(r["row"], r["shard"], r["line"]) for r in first]
-    return Summary(offset, {kind.name: int(counts[kind]) for kind in Status if counts[kind]}, examples)
+    return Summary(
+        offset, {kind.name: int(counts[kind]) for kind in Status if counts[kind]}, examples
+    )
 
 
 def _kept(statuses: list[int]) -> list[bool]:
@@ -257,7 +275,9 @@ def tokenize_source(
     the setting in errors and in the summary line.
     """
     try:
-        return _tokenize_source(spec, Path(model_dir), settings, columns, Path(cache_dir), key, num_proc)
+        return _tokenize_source(
+            spec, Path(model_dir), settings, columns, Path(cache_dir), key, num_proc
+        )
     except DataError as err:
         if str(err).startswith(f"{key}: "):
             raise
@@ -278,7 +298,10 @@ def _tokenize_source(
 
     source = resolve_source(spec.path)
     tokenizer = load_tokenizer(model_dir)
-    folder = cache_dir.absolute() / f"tokenized-{cache_key(source, model_dir, tokenizer, settings, columns)}"
+    folder = (
+        cache_dir.absolute()
+        / f"tokenized-{cache_key(source, model_dir, tokenizer, settings, columns)}"
+    )
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / "summary.json").is_file():
@@ -342,7 +365,9 @@ def _build(
             new_fingerprint=f"{folder.name}-kept",
             desc="Keeping samples",
         )
-        kept.select_columns(["input_ids", "loss_mask", "length"]).save_to_disk(str(work / "samples"))
+        kept.select_columns(["input_ids", "loss_mask", "length"]).save_to_disk(
+            str(work / "samples")
+        )
         (work / "summary.json").write_text(json.dumps(asdict(summary)))
         shutil.rmtree(work / "rows", ignore_errors=True)
         shutil.rmtree(work / "tokenized", ignore_errors=True)

@@ -48,9 +48,7 @@ class Source:
     def fingerprint(self) -> list[Any]:
         """What identifies the data for the cache: every file's path, size and modification time."""
         files = self.files if self.kind != "arrow" else tuple(sorted(self.path.rglob("*")))
-        return [
-            [str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()
-        ]
+        return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
 def _is_json_array(path: Path) -> bool:

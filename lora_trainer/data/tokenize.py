@@ -52,9 +52,13 @@ class TokenizeSettings:
         if self.max_seq_len < 2:
             raise DataError(f"data.max_seq_len must be at least 2, got {self.max_seq_len}")
         if self.train_on not in TRAIN_ON:
-            raise DataError(f"data.train_on={self.train_on!r} is unknown; use one of {', '.join(TRAIN_ON)}")
+            raise DataError(
+                f"data.train_on={self.train_on!r} is unknown; use one of {', '.join(TRAIN_ON)}"
+            )
         if self.overlong not in OVERLONG:
-            raise DataError(f"data.overlong={self.overlong!r} is unknown; use one of {', '.join(OVERLONG)}")
+            raise DataError(
+                f"data.overlong={self.overlong!r} is unknown; use one of {', '.join(OVERLONG)}"
+            )
 
 
 class Status(IntEnum):
@@ -98,8 +102,14 @@ def require_chat_template(tokenizer: Any, model_dir: str | Path) -> None:
         )
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], settings: TokenizeSettings, *,
-            tools: Any = None, generation: bool = False) -> str:
+def _render(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    settings: TokenizeSettings,
+    *,
+    tools: Any = None,
+    generation: bool = False,
+) -> str:
     return tokenizer.apply_chat_template(
         messages,
         tools=tools,
@@ -142,7 +152,7 @@ class TemplateMarkers:
                     "the chat template renders the first user turn differently once an assistant "
                     "turn follows, so assistant turns cannot be located in its output"
                 )
-            parts.append(text[len(context):])
+            parts.append(text[len(context) :])
         generated, last_turn, history_turn = parts
         if _PROBE_ASSISTANT not in last_turn or _PROBE_ASSISTANT not in history_turn:
             raise DataError("the chat template does not render the assistant content verbatim")
@@ -154,7 +164,7 @@ class TemplateMarkers:
                 "the chat template has no fixed assistant header or end-of-turn text, so "
                 "assistant turns cannot be located in its output"
             )
-        return cls(header, generated[len(header):], last_header[len(header):], eot)
+        return cls(header, generated[len(header) :], last_header[len(header) :], eot)
 
     def assistant_spans(self, text: str, count: int, where: str) -> list[tuple[int, int]]:
         """The `[start, end)` trained characters of each of the `count` assistant turns in `text`."""
@@ -223,7 +233,9 @@ class SampleTokenizer:
         """Prompt tokens (masked), then completion tokens and EOS (trained)."""
         eos = self.tokenizer.eos_token_id
         if eos is None:
-            raise DataError("the tokenizer has no eos_token, which prompt/completion samples end with")
+            raise DataError(
+                "the tokenizer has no eos_token, which prompt/completion samples end with"
+            )
         prompt = list(self.tokenizer(sample.prompt, add_special_tokens=True)["input_ids"])
         completion = list(self.tokenizer(sample.completion, add_special_tokens=False)["input_ids"])
         completion.append(eos)

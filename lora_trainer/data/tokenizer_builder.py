@@ -30,7 +30,14 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 # Qwen3.5's added tokens that its chat template writes (not special: decoded like text).
-TEMPLATE_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+TEMPLATE_TOKENS = (
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+)
 
 # Qwen2/2.5/3 pre-tokenizer split pattern (digits are split one by one).
 QWEN_SPLIT_PATTERN = (
@@ -38,13 +45,63 @@ QWEN_SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-_WORDS = (
-    "apple banana cherry river mountain garden window pencil rocket planet yellow purple "
-    "orange silver castle dragon forest island jacket kitten lemon market needle ocean pepper "
-    "quiet rabbit summer tiger umbrella violet winter zebra bread cloud dance eagle flower "
-    "guitar house light music night paper stone train water bottle candle doctor engine "
-    "finger honey letter mirror"
-).split()
+_WORDS = [
+    "apple",
+    "banana",
+    "cherry",
+    "river",
+    "mountain",
+    "garden",
+    "window",
+    "pencil",
+    "rocket",
+    "planet",
+    "yellow",
+    "purple",
+    "orange",
+    "silver",
+    "castle",
+    "dragon",
+    "forest",
+    "island",
+    "jacket",
+    "kitten",
+    "lemon",
+    "market",
+    "needle",
+    "ocean",
+    "pepper",
+    "quiet",
+    "rabbit",
+    "summer",
+    "tiger",
+    "umbrella",
+    "violet",
+    "winter",
+    "zebra",
+    "bread",
+    "cloud",
+    "dance",
+    "eagle",
+    "flower",
+    "guitar",
+    "house",
+    "light",
+    "music",
+    "night",
+    "paper",
+    "stone",
+    "train",
+    "water",
+    "bottle",
+    "candle",
+    "doctor",
+    "engine",
+    "finger",
+    "honey",
+    "letter",
+    "mirror",
+]
 _SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.", "You are good at math.")
 
 
@@ -185,7 +242,9 @@ def build_tiny_tokenizer(
     )
     tokenizer.train_from_iterator(_training_texts(Path(data_path)), trainer=trainer)
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in TEMPLATE_TOKENS])
+    tokenizer.add_tokens(
+        [AddedToken(token, special=False, normalized=False) for token in TEMPLATE_TOKENS]
+    )
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

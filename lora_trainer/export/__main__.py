@@ -18,7 +18,9 @@ from lora_trainer.export.background import complete_export, run_export_share
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_trainer.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_trainer.export", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("save_dir", type=Path, help="a save: OUT/checkpoints/step-N")
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--world-size", type=int, default=1, help=argparse.SUPPRESS)

@@ -20,7 +20,9 @@ _Report = tuple[str, bool] | None
 def raise_on_every_rank(failure: BaseException | None) -> None:
     """Collective over the default group (a no-op agreement on one process): returns on every
     rank when no rank failed, else raises on every rank (module docstring)."""
-    report: _Report = None if failure is None else (_message(failure), isinstance(failure, PeerExportError))
+    report: _Report = (
+        None if failure is None else (_message(failure), isinstance(failure, PeerExportError))
+    )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         reports: list[_Report] = [None] * dist.get_world_size()
         dist.all_gather_object(reports, report)

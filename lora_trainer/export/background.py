@@ -22,6 +22,7 @@ failed export is completed later from it (`complete_export`): by `resume=latest`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -53,7 +54,9 @@ class FileBarrier:
     """A barrier over the `world_size` workers of one export, made of marker files in `directory`
     (a filesystem every worker sees). Raises ExportError once any worker wrote a failure marker."""
 
-    def __init__(self, directory: Path, rank: int, world_size: int, parent_pid: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, rank: int, world_size: int, parent_pid: int | None = None
+    ) -> None:
         self.directory = directory
         self.rank = rank
         self.world_size = world_size
@@ -63,7 +66,10 @@ class FileBarrier:
     def __call__(self) -> None:
         self.count += 1
         (self.directory / _BARRIER_MARKER.format(count=self.count, rank=self.rank)).touch()
-        waiting = [self.directory / _BARRIER_MARKER.format(count=self.count, rank=r) for r in range(self.world_size)]
+        waiting = [
+            self.directory / _BARRIER_MARKER.format(count=self.count, rank=r)
+            for r in range(self.world_size)
+        ]
         while True:
             failed = failure_messages(self.directory.parent)
             if failed:
@@ -95,8 +101,14 @@ def pending_exports(root: Path) -> list[Path]:
     """Saves under `root` (oldest first) whose export has not finished: a snapshot, no manifest."""
     if not root.is_dir():
         return []
-    saves = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted((p for p in saves if has_snapshot(p) and not is_exported(p)), key=lambda p: int(p.name[5:]))
+    saves = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+    ]
+    return sorted(
+        (p for p in saves if has_snapshot(p) and not is_exported(p)), key=lambda p: int(p.name[5:])
+    )
 
 
 def reset_export(save_dir: Path) -> None:
@@ -108,7 +120,9 @@ def reset_export(save_dir: Path) -> None:
             marker.unlink(missing_ok=True)
 
 
-def run_export_share(save_dir: Path, rank: int = 0, world_size: int = 1, parent_pid: int | None = None) -> None:
+def run_export_share(
+    save_dir: Path, rank: int = 0, world_size: int = 1, parent_pid: int | None = None
+) -> None:
     """Worker `rank` of `world_size` of the export of `save_dir` (the module docstring); with
     world_size 1 the whole export. Raises ExportError, after writing this worker's failure marker.
     A worker started by the training process `parent_pid` dies with it (on Linux)."""
@@ -126,7 +140,9 @@ def run_export_share(save_dir: Path, rank: int = 0, world_size: int = 1, parent_
             logger.error("could not record the export failure in %s: %s", marker, marker_error)
         if isinstance(error, ExportError):
             raise
-        raise ExportError(f"the export of {save_dir} failed: {type(error).__name__}: {error}") from error
+        raise ExportError(
+            f"the export of {save_dir} failed: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -147,7 +163,9 @@ def _export_share(save_dir: Path, rank: int, world_size: int, parent_pid: int | 
     if rank == 0:
         adapter = reader.load_adapter()
     else:
-        adapter = reader.load_adapter(_modules_of_share(reader, Path(job.base_dir), rank, world_size))
+        adapter = reader.load_adapter(
+            _modules_of_share(reader, Path(job.base_dir), rank, world_size)
+        )
     barrier = FileBarrier(snapshot_dir(save_dir), rank, world_size, parent_pid)
     manifest = export_hf(
         adapter,
@@ -169,10 +187,14 @@ def _export_share(save_dir: Path, rank: int, world_size: int, parent_pid: int | 
         return
     check = manifest.get("check")
     if job.check_input_ids is not None and check is not None and not check.get("passed"):
-        raise ExportError(f"the export check of step {job.step} failed: {check.get('message', check)}")
+        raise ExportError(
+            f"the export check of step {job.step} failed: {check.get('message', check)}"
+        )
 
 
-def _modules_of_share(reader: SnapshotReader, base_dir: Path, rank: int, world_size: int) -> set[str]:
+def _modules_of_share(
+    reader: SnapshotReader, base_dir: Path, rank: int, world_size: int
+) -> set[str]:
     """The adapter modules whose base tensors lie in the shard files worker `rank` merges."""
     with CheckpointReader(base_dir) as base:
         names = base.names()
@@ -212,8 +234,16 @@ class ExportWorker:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         command = [
-            sys.executable, "-m", "lora_trainer.export", str(self.save_dir),
-            "--rank", str(rank), "--world-size", str(world_size), "--parent-pid", str(os.getpid()),
+            sys.executable,
+            "-m",
+            "lora_trainer.export",
+            str(self.save_dir),
+            "--rank",
+            str(rank),
+            "--world-size",
+            str(world_size),
+            "--parent-pid",
+            str(os.getpid()),
         ]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
 
@@ -233,10 +263,8 @@ class ExportWorker:
     def settle(self, timeout_s: float) -> None:
         """Give the worker up to `timeout_s` to exit by itself (a worker stopped by another's
         failure exits at its next barrier; the failing one after recording its cause)."""
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
 
     def stop(self) -> None:
         """Kill the worker (its snapshot stays; the export can be completed later)."""

@@ -120,7 +120,9 @@ class Comparison:
     def add(self, kind: str, adapter: Tensor, rounded: Tensor, merged: Tensor) -> None:
         self.rounded[kind] = max(self.rounded.get(kind, 0.0), max_abs_diff(adapter, rounded))
         self.merged[kind] = max(self.merged.get(kind, 0.0), max_abs_diff(adapter, merged))
-        self.scale[kind] = max(self.scale.get(kind, 0.0), adapter.abs().max().item() if adapter.numel() else 0.0)
+        self.scale[kind] = max(
+            self.scale.get(kind, 0.0), adapter.abs().max().item() if adapter.numel() else 0.0
+        )
 
     def results(self) -> dict[str, KindResult]:
         return {
@@ -161,7 +163,9 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
         for name in reader.names():
             dtype = reader.dtype(name)
             if dtype.is_floating_point:
-                by_dtype[dtype] = by_dtype.get(dtype, 0) + math.prod(reader.shape(name)) * dtype.itemsize
+                by_dtype[dtype] = (
+                    by_dtype.get(dtype, 0) + math.prod(reader.shape(name)) * dtype.itemsize
+                )
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.float32
 
 
@@ -211,7 +215,14 @@ def check_export(
     comparison = Comparison(dtype)
     if mode == "full":
         missing, unexpected, merged_missing, reference_diff = _check_full(
-            base_dir, adapter_dir, merged_dir, input_ids, dtype, stored, comparison, reference_logits
+            base_dir,
+            adapter_dir,
+            merged_dir,
+            input_ids,
+            dtype,
+            stored,
+            comparison,
+            reference_logits,
         )
     else:
         from lora_trainer.export.check_layers import check_layers
@@ -225,20 +236,34 @@ def check_export(
     end = kinds[end_kind]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} adapter keys missing from {adapter_dir} (first: {missing[0]})")
+        problems.append(
+            f"{len(missing)} adapter keys missing from {adapter_dir} (first: {missing[0]})"
+        )
     if unexpected:
-        problems.append(f"{len(unexpected)} adapter keys not consumed by PEFT (first: {unexpected[0]})")
+        problems.append(
+            f"{len(unexpected)} adapter keys not consumed by PEFT (first: {unexpected[0]})"
+        )
     if merged_missing:
-        problems.append(f"{len(merged_missing)} weights missing from {merged_dir} (first: {merged_missing[0]})")
+        problems.append(
+            f"{len(merged_missing)} weights missing from {merged_dir} (first: {merged_missing[0]})"
+        )
     for kind, result in kinds.items():
         if not result.passed:
-            what = "adapter and merged logits" if kind == "logits" else f"adapter and merged {kind} outputs"
-            problems.append(f"{what} differ by up to {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}")
+            what = (
+                "adapter and merged logits"
+                if kind == "logits"
+                else f"adapter and merged {kind} outputs"
+            )
+            problems.append(
+                f"{what} differ by up to {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}"
+            )
     if reference_diff is not None and not reference_diff <= end.tolerance:
         problems.append(
             f"reference and merged logits differ by up to {reference_diff:.3g} > tolerance {end.tolerance:.3g}"
         )
-    worst = ", ".join(f"{kind} {result.max_abs_diff:.3g}/{result.tolerance:.3g}" for kind, result in kinds.items())
+    worst = ", ".join(
+        f"{kind} {result.max_abs_diff:.3g}/{result.tolerance:.3g}" for kind, result in kinds.items()
+    )
     message = (
         f"export check ({mode} mode) failed: " + "; ".join(problems)
         if problems
@@ -296,7 +321,9 @@ def _check_full(
             comparison.add(kind, adapter_outputs[path], rounded_outputs[path], merged_outputs[path])
     comparison.add("logits", adapter_logits, rounded_logits, merged_logits)
     merged_missing = sorted(set(merged_info["missing_keys"]) - set(base_info["missing_keys"]))
-    reference_diff = None if reference_logits is None else max_abs_diff(reference_logits, merged_logits)
+    reference_diff = (
+        None if reference_logits is None else max_abs_diff(reference_logits, merged_logits)
+    )
     return missing, unexpected, merged_missing, reference_diff
 
 
@@ -341,7 +368,9 @@ def adapted_modules(model: torch.nn.Module) -> list[tuple[str, str]]:
     from lora_trainer.export.manifest import module_kind
 
     kinds = {
-        name.replace(".base_layer", ""): "routed_experts" if isinstance(module, ParamWrapper) else module_kind(name)
+        name.replace(".base_layer", ""): "routed_experts"
+        if isinstance(module, ParamWrapper)
+        else module_kind(name)
         for name, module in model.named_modules()
         if isinstance(module, LoraLayer)
     }
@@ -364,7 +393,9 @@ def record_inputs(model: torch.nn.Module, modules: list[tuple[str, str]]) -> Ite
         return hook
 
     for path, _ in modules:
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook_for(path), with_kwargs=True))
+        handles.append(
+            model.get_submodule(path).register_forward_pre_hook(hook_for(path), with_kwargs=True)
+        )
     try:
         yield inputs
     finally:
@@ -382,7 +413,9 @@ def _detached(value: Any) -> Any:
     return value
 
 
-def replay(model: torch.nn.Module, modules: list[tuple[str, str]], inputs: Inputs) -> dict[str, Tensor]:
+def replay(
+    model: torch.nn.Module, modules: list[tuple[str, str]], inputs: Inputs
+) -> dict[str, Tensor]:
     """Each called module's output (first tensor of a tuple, float64) on its recorded inputs;
     routed experts on `every_expert_inputs` instead."""
     outputs: dict[str, Tensor] = {}
@@ -395,7 +428,9 @@ def replay(model: torch.nn.Module, modules: list[tuple[str, str]], inputs: Input
             if kind == "routed_experts":
                 args, kwargs = every_expert_inputs(module, args, kwargs)
             output = module(*args, **kwargs)
-            outputs[path] = (output[0] if isinstance(output, tuple) else output).detach().to(torch.float64)
+            outputs[path] = (
+                (output[0] if isinstance(output, tuple) else output).detach().to(torch.float64)
+            )
     return outputs
 
 
@@ -406,7 +441,9 @@ def every_expert_inputs(
     experts module turned into a routing through every expert alone: `EXPERT_TOKENS` of the T
     tokens (a different choice per expert) once per expert, each row to its expert only, with
     weight 1. So every expert's output is compared on its own, whatever the router would pick."""
-    values = list(args) + [kwargs[name] for name in ("hidden_states", "top_k_index", "top_k_weights") if name in kwargs]
+    values = list(args) + [
+        kwargs[name] for name in ("hidden_states", "top_k_index", "top_k_weights") if name in kwargs
+    ]
     hidden, top_k_index, top_k_weights = values[:3]
     num_experts = _num_experts(experts)
     tokens = hidden.shape[0]
@@ -435,7 +472,11 @@ def adapted_parameters(model: torch.nn.Module) -> list[str]:
         if not isinstance(module, LoraLayer):
             continue
         path = name.replace(".base_layer", "")
-        names.append(f"{path}.{module.parameter_name}" if isinstance(module, ParamWrapper) else f"{path}.weight")
+        names.append(
+            f"{path}.{module.parameter_name}"
+            if isinstance(module, ParamWrapper)
+            else f"{path}.weight"
+        )
     return sorted(set(names))
 
 
@@ -450,7 +491,10 @@ def round_like_storage_(model: torch.nn.Module, names: list[str], stored: torch.
         for name in names:
             flat = model.get_parameter(name).view(-1)
             integer, exponent_bits = _EXPONENT_BITS[flat.dtype]
-            noise = (torch.rand(min(NOISE_CHUNK, flat.numel()), generator=generator, dtype=flat.dtype) - 0.5) * eps
+            noise = (
+                torch.rand(min(NOISE_CHUNK, flat.numel()), generator=generator, dtype=flat.dtype)
+                - 0.5
+            ) * eps
             for start in range(0, flat.numel(), NOISE_CHUNK):
                 part = flat[start : start + NOISE_CHUNK]
                 scale = torch.bitwise_and(part.view(integer), exponent_bits).view(part.dtype)

@@ -33,9 +33,9 @@ from lora_trainer.export.check import (
     ADAPTER_NAME,
     GROUPED_MM_DTYPES,
     Comparison,
+    adapted_modules,
     adapted_parameters,
     file_key,
-    adapted_modules,
     model_class,
     record_inputs,
     replay,
@@ -70,19 +70,26 @@ class _Model:
         config = transformers.AutoConfig.from_pretrained(base_dir)
         self.text_config = config.get_text_config()
         self.text_config._attn_implementation = "sdpa"
-        self.text_config._experts_implementation = "grouped_mm" if dtype in GROUPED_MM_DTYPES else "eager"
-        self.prefix = "model.language_model." if "ConditionalGeneration" in cls.__name__ else "model."
+        self.text_config._experts_implementation = (
+            "grouped_mm" if dtype in GROUPED_MM_DTYPES else "eager"
+        )
+        self.prefix = (
+            "model.language_model." if "ConditionalGeneration" in cls.__name__ else "model."
+        )
         self.dtype = dtype
         self.layer_class = self._class("DecoderLayer")
         self.rotary_class = self._class("TextRotaryEmbedding")
 
     def _class(self, suffix: str) -> type[nn.Module]:
         found = [
-            value for name, value in vars(self.module).items()
+            value
+            for name, value in vars(self.module).items()
             if name.endswith(suffix) and "Vision" not in name and isinstance(value, type)
         ]
         if len(found) != 1:
-            raise ExportError(f"{self.module.__name__} has no single *{suffix} class for the layer-wise export check")
+            raise ExportError(
+                f"{self.module.__name__} has no single *{suffix} class for the layer-wise export check"
+            )
         return found[0]
 
     def layer(self, index: int, reader: CheckpointReader) -> nn.Module:
@@ -90,7 +97,10 @@ class _Model:
         with torch.device("meta"):
             layer = self.layer_class(self.text_config, index)
         prefix = f"{self.prefix}layers.{index}."
-        state = {name: _read(reader, prefix + name).to(self.dtype) for name, _ in layer.named_parameters()}
+        state = {
+            name: _read(reader, prefix + name).to(self.dtype)
+            for name, _ in layer.named_parameters()
+        }
         layer.load_state_dict(state, strict=True, assign=True)
         for parameter in layer.parameters():
             parameter.requires_grad_(False)
@@ -100,13 +110,18 @@ class _Model:
         """The embeddings of `input_ids` and the keyword arguments every decoder layer gets, as
         the text model's forward makes them (no cache, no padding)."""
         name = f"{self.prefix}embed_tokens.weight"
-        embeddings = torch.stack([_read_row(reader, name, int(token)) for token in input_ids.reshape(-1)])
+        embeddings = torch.stack(
+            [_read_row(reader, name, int(token)) for token in input_ids.reshape(-1)]
+        )
         hidden = embeddings.view(*input_ids.shape, -1).to(self.dtype)
         batch, seq = input_ids.shape
         position_ids = torch.arange(seq).view(1, 1, -1).expand(4, batch, -1)
         text_position_ids, rope_position_ids = position_ids[0], position_ids[1:]
         mask_kwargs = {
-            "config": self.text_config, "inputs_embeds": hidden, "attention_mask": None, "cache": None,
+            "config": self.text_config,
+            "inputs_embeds": hidden,
+            "attention_mask": None,
+            "cache": None,
             "position_ids": text_position_ids,
         }
         masks = {
@@ -116,7 +131,11 @@ class _Model:
         rotary = self.rotary_class(config=self.text_config)
         with torch.no_grad():
             position_embeddings = rotary(hidden, rope_position_ids)
-        return hidden, {"position_embeddings": position_embeddings, "position_ids": text_position_ids, "masks": masks}
+        return hidden, {
+            "position_embeddings": position_embeddings,
+            "position_ids": text_position_ids,
+            "masks": masks,
+        }
 
 
 def _read(reader: CheckpointReader, name: str) -> Tensor:
@@ -132,7 +151,9 @@ def _read(reader: CheckpointReader, name: str) -> Tensor:
     experts = []
     index = 0
     while f"{module}.{index}.{parts[0]}.weight" in reader:
-        experts.append(torch.cat([reader.read(f"{module}.{index}.{part}.weight") for part in parts]))
+        experts.append(
+            torch.cat([reader.read(f"{module}.{index}.{part}.weight") for part in parts])
+        )
         index += 1
     return torch.stack(experts)
 
@@ -161,9 +182,11 @@ def check_layers(
     missing: list[str] = []
     unexpected: list[str] = []
     consumed: set[str] = set()
-    with CheckpointReader(base_dir) as base, CheckpointReader(merged_dir) as merged, safe_open(
-        str(Path(adapter_dir) / WEIGHTS_FILE), framework="pt"
-    ) as adapter_file:
+    with (
+        CheckpointReader(base_dir) as base,
+        CheckpointReader(merged_dir) as merged,
+        safe_open(str(Path(adapter_dir) / WEIGHTS_FILE), framework="pt") as adapter_file,
+    ):
         merged_missing = sorted(set(base.names()) - set(merged.names()))
         file_keys = list(adapter_file.keys())
         hidden, layer_kwargs = model.inputs(input_ids, base)
@@ -173,7 +196,11 @@ def check_layers(
                 "position_ids": layer_kwargs["position_ids"],
                 "attention_mask": layer_kwargs["masks"][model.text_config.layer_types[index]],
             }
-            keys = [key for key in file_keys if key.startswith(f"{KEY_PREFIX}{model.prefix}layers.{index}.")]
+            keys = [
+                key
+                for key in file_keys
+                if key.startswith(f"{KEY_PREFIX}{model.prefix}layers.{index}.")
+            ]
             consumed.update(keys)
             weights = {key: adapter_file.get_tensor(key) for key in keys}
             hidden, layer_missing, layer_unexpected = _check_layer(
@@ -209,7 +236,9 @@ def _check_layer(
         result = set_peft_model_state_dict(tree, weights, ADAPTER_NAME)
         in_model = set(get_peft_model_state_dict(tree, adapter_name=ADAPTER_NAME))
     layer = tree.get_submodule(path)
-    missing = (in_model - set(weights)) | {file_key(key) for key in result.missing_keys if "lora_" in key}
+    missing = (in_model - set(weights)) | {
+        file_key(key) for key in result.missing_keys if "lora_" in key
+    }
     unexpected = (set(weights) - in_model) | {file_key(key) for key in result.unexpected_keys}
     modules = adapted_modules(layer)
     with record_inputs(layer, modules) as inputs, torch.no_grad():
@@ -230,6 +259,8 @@ def _check_layer(
     del merged_layer
     for module, kind in modules:
         if module in adapter_outputs:
-            comparison.add(kind, adapter_outputs[module], rounded_outputs[module], merged_outputs[module])
+            comparison.add(
+                kind, adapter_outputs[module], rounded_outputs[module], merged_outputs[module]
+            )
     comparison.add(LAYER_OUTPUT, adapter_out, rounded_out, merged_out)
     return adapter_out, sorted(missing), sorted(unexpected)

@@ -15,7 +15,12 @@ from megatron.core import parallel_state
 
 from lora_trainer.bridge.gather import gather_shards, merge_from_all_ranks
 from lora_trainer.bridge.loader import group_rank_size
-from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter, LocalFactors, hf_weights_from_factors
+from lora_trainer.export.hf_lora import (
+    DistributedAdapter,
+    HFAdapter,
+    LocalFactors,
+    hf_weights_from_factors,
+)
 from lora_trainer.lora.config import LoraConfig
 from lora_trainer.lora.experts import Adapter, ExpertLoraView, linear_adapters
 from lora_trainer.lora.layers import LoraLinear
@@ -23,7 +28,9 @@ from lora_trainer.lora.layout import shard_positions
 from lora_trainer.qwen35.spec import Qwen35Spec
 
 
-def _unshard(shards: list[torch.Tensor], adapter: LoraLinear | ExpertLoraView, dim: int) -> torch.Tensor:
+def _unshard(
+    shards: list[torch.Tensor], adapter: LoraLinear | ExpertLoraView, dim: int
+) -> torch.Tensor:
     """Put each rank's shard back at its positions along `dim` of the full factor."""
     total = sum(span.size for span in adapter.spans)
     shape = list(shards[0].shape)
@@ -45,7 +52,7 @@ def full_factors(adapter: LoraLinear | ExpertLoraView) -> tuple[torch.Tensor, to
 
 
 def _hf_module(ref_name: str, prefix: str) -> str:
-    name = ref_name[len(prefix):] if ref_name.startswith(prefix) else ref_name
+    name = ref_name[len(prefix) :] if ref_name.startswith(prefix) else ref_name
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
@@ -68,7 +75,11 @@ def local_hf_factors(adapters: list[Adapter], spec: Qwen35Spec) -> LocalFactors:
             continue
         for index, span in enumerate(adapter.spans):
             a = a_full[index if a_full.shape[0] > 1 else 0]
-            b = b_full[span.offset: span.offset + span.size] if adapter.kind == "column" else b_full
+            b = (
+                b_full[span.offset : span.offset + span.size]
+                if adapter.kind == "column"
+                else b_full
+            )
             key = (_hf_module(span.ref.name, spec.text_prefix), span.ref.expert)
             out[key] = (a.clone().float(), b.clone().float())
     return out
@@ -98,7 +109,9 @@ def distributed_hf_adapter(
     return DistributedAdapter(layout, local, len(nonzero))
 
 
-def _hf_adapter(factors: LocalFactors, spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str) -> HFAdapter:
+def _hf_adapter(
+    factors: LocalFactors, spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str
+) -> HFAdapter:
     linears, experts = hf_weights_from_factors(factors)
     return HFAdapter(
         linears=linears,

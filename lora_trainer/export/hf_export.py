@@ -108,9 +108,23 @@ def export_hf(
     staging = save_dir / STAGING_DIR
     written: dict[str, Path] = {}
     if not (write_adapter or write_merged):
-        return _finish(parts, base_dir, save_dir, step, profile, written, None, started, started_at) if rank == 0 else {}
+        return (
+            _finish(parts, base_dir, save_dir, step, profile, written, None, started, started_at)
+            if rank == 0
+            else {}
+        )
     try:
-        _stage(parts, base_dir, staging, profile, write_merged, rank, world_size, barrier or _no_barrier, progress)
+        _stage(
+            parts,
+            base_dir,
+            staging,
+            profile,
+            write_merged,
+            rank,
+            world_size,
+            barrier or _no_barrier,
+            progress,
+        )
         if rank != 0:
             return {}
         for name in (ADAPTER_DIR, MERGED_DIR):
@@ -127,7 +141,9 @@ def export_hf(
     finally:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-    check = _run_check(base_dir, save_dir, profile, check_input_ids, check_dtype, check_memory_gb, written)
+    check = _run_check(
+        base_dir, save_dir, profile, check_input_ids, check_dtype, check_memory_gb, written
+    )
     return _finish(parts, base_dir, save_dir, step, profile, written, check, started, started_at)
 
 
@@ -159,8 +175,16 @@ def _finish(
         export_finished_at=time.time(),
     )
     write_manifest(manifest, save_dir)
-    sizes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in manifest["sizes_bytes"].items())
-    logger.info("HF export of step %d to %s in %.1f s: %s", step, save_dir, export_seconds, sizes or "nothing")
+    sizes = ", ".join(
+        f"{name} {size / 2**20:.1f} MiB" for name, size in manifest["sizes_bytes"].items()
+    )
+    logger.info(
+        "HF export of step %d to %s in %.1f s: %s",
+        step,
+        save_dir,
+        export_seconds,
+        sizes or "nothing",
+    )
     return manifest
 
 
@@ -196,30 +220,42 @@ def _stage(
             _fresh_directory(staging)
             (staging / ADAPTER_DIR).mkdir()
             (staging / MERGED_DIR).mkdir()
-            _write_adapter(lambda: create_adapter_file(staging / ADAPTER_DIR, parts.layout, profile), staging)
+            _write_adapter(
+                lambda: create_adapter_file(staging / ADAPTER_DIR, parts.layout, profile), staging
+            )
 
     def write_factors() -> None:
-        _write_adapter(lambda: write_local_factors(adapter_file, parts.layout, parts.local, profile), adapter_file)
+        _write_adapter(
+            lambda: write_local_factors(adapter_file, parts.layout, parts.local, profile),
+            adapter_file,
+        )
         _fsync_file(adapter_file)
 
     def merge() -> None:
         modules = shard_modules(parts.layout, base_dir, rank=rank, world_size=world_size)
         adapter = read_adapter_modules(adapter_file, parts.layout, profile, modules)
         for path in write_merged_checkpoint(
-            adapter, base_dir, staging / MERGED_DIR, rank=rank, world_size=world_size, progress=progress
+            adapter,
+            base_dir,
+            staging / MERGED_DIR,
+            rank=rank,
+            world_size=world_size,
+            progress=progress,
         ):
             _fsync_file(path)
 
     failure: Exception | None = None
     for index, step in enumerate((create, write_factors, *((merge,) if write_merged else ()))):
         if failure is None and index > 0 and not staging.is_dir():
-            failure = PeerExportError(f"rank 0 did not create the export staging directory {staging}: see its error")
+            failure = PeerExportError(
+                f"rank 0 did not create the export staging directory {staging}: see its error"
+            )
         elif failure is None and index > 0 and _peer_failed(staging):
             failure = PeerExportError("another rank's export step failed: see its error")
         elif failure is None:
             try:
                 step()
-            except Exception as error:  # noqa: BLE001 - re-raised after the barrier
+            except Exception as error:
                 failure = error
                 _mark_failed(staging, rank)
         try:
@@ -235,7 +271,7 @@ def _stage(
     if failure is None and rank == 0 and write_merged:
         try:
             _check_staging_complete(base_dir, staging / MERGED_DIR)
-        except Exception as error:  # noqa: BLE001 - re-raised below
+        except Exception as error:
             failure = error
     if failure is not None:
         raise failure
@@ -279,7 +315,8 @@ def _check_staging_complete(base_dir: Path, staging: Path) -> None:
     bad = [
         path.name
         for path in shards
-        if not (staging / path.name).is_file() or (staging / path.name).stat().st_size != path.stat().st_size
+        if not (staging / path.name).is_file()
+        or (staging / path.name).stat().st_size != path.stat().st_size
     ]
     if bad:
         raise PeerExportError(
@@ -328,11 +365,18 @@ def _run_check(
     if input_ids is None:
         return None
     if set(written) != {ADAPTER_DIR, MERGED_DIR} or profile != "peft":
-        logger.warning("export check skipped: it needs both hf_adapter and hf_merged in the 'peft' profile")
+        logger.warning(
+            "export check skipped: it needs both hf_adapter and hf_merged in the 'peft' profile"
+        )
         return None
     started = time.monotonic()
     result = check_export(
-        base_dir, save_dir / ADAPTER_DIR, save_dir / MERGED_DIR, input_ids, dtype=dtype, memory_gb=memory_gb
+        base_dir,
+        save_dir / ADAPTER_DIR,
+        save_dir / MERGED_DIR,
+        input_ids,
+        dtype=dtype,
+        memory_gb=memory_gb,
     )
     log = logger.info if result.passed else logger.error
     log("%s (%.1f s)", result.message, time.monotonic() - started)

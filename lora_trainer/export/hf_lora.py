@@ -113,8 +113,12 @@ class DistributedAdapter:
         """A whole adapter held by one rank: every factor is local."""
         local: LocalFactors = {(module, None): (w.a, w.b) for module, w in adapter.linears.items()}
         for key, weights in adapter.experts.items():
-            local.update({(key, e): (weights.a[e], weights.b[e]) for e in range(weights.a.shape[0])})
-        nonzero = sum(1 for w in (*adapter.linears.values(), *adapter.experts.values()) if bool(w.b.any()))
+            local.update(
+                {(key, e): (weights.a[e], weights.b[e]) for e in range(weights.a.shape[0])}
+            )
+        nonzero = sum(
+            1 for w in (*adapter.linears.values(), *adapter.experts.values()) if bool(w.b.any())
+        )
         return cls(on_meta(adapter), local, nonzero)
 
 

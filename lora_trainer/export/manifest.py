@@ -41,7 +41,11 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The manifest of one export; `exported_dirs` maps each written directory's name
     (`hf_adapter`, `hf_merged`) to its path, whose files are hashed."""
-    nonzero = adapter.nonzero_lora_b if isinstance(adapter, DistributedAdapter) else nonzero_lora_b(adapter)
+    nonzero = (
+        adapter.nonzero_lora_b
+        if isinstance(adapter, DistributedAdapter)
+        else nonzero_lora_b(adapter)
+    )
     adapter = adapter.layout if isinstance(adapter, DistributedAdapter) else adapter
     base_dir = Path(base_dir)
     config = base_dir / "config.json"

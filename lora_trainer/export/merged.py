@@ -60,9 +60,24 @@ SHARD_WORKERS = 4
 # Largest single transfer handed to sendfile / write.
 _COPY_CHUNK = 2**30
 # safetensors dtype names a delta can be added to (quantized weights would need their scales).
-MERGEABLE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MERGEABLE_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
 # Other weight formats are not copied: an unmerged copy of the weights would contradict the merge.
-_OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
+_OTHER_WEIGHT_SUFFIXES = (
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".index.json",
+)
 _SENDFILE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
@@ -132,21 +147,35 @@ def write_merged_checkpoint(
     mine = shard_paths[rank::world_size]
     written: list[Path] = []
     total = sum(path.stat().st_size for path in mine)
-    with _intra_op_threads(MERGE_THREADS), tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merged export",
-        disable=not (progress and rank == 0),
-    ) as bar, ThreadPoolExecutor(SHARD_WORKERS) as pool:
+    with (
+        _intra_op_threads(MERGE_THREADS),
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="merged export",
+            disable=not (progress and rank == 0),
+        ) as bar,
+        ThreadPoolExecutor(SHARD_WORKERS) as pool,
+    ):
         jobs = [
-            pool.submit(_merge_shard, path, layouts[path], out_dir / path.name, deltas, _Buffers(), bar)
+            pool.submit(
+                _merge_shard, path, layouts[path], out_dir / path.name, deltas, _Buffers(), bar
+            )
             for path in mine
         ]
         written.extend(job.result() for job in jobs)
     if rank == 0:
-        written.extend(_copy_non_weight_files(base_dir, out_dir, sharded=shard_paths[0].name != SINGLE_FILE))
+        written.extend(
+            _copy_non_weight_files(base_dir, out_dir, sharded=shard_paths[0].name != SINGLE_FILE)
+        )
     return written
 
 
-def shard_modules(layout: HFAdapter, base_dir: Path, *, rank: int = 0, world_size: int = 1) -> set[str]:
+def shard_modules(
+    layout: HFAdapter, base_dir: Path, *, rank: int = 0, world_size: int = 1
+) -> set[str]:
     """The adapter modules (keys of `layout.linears` / `layout.experts`) whose deltas go into the
     shard files `rank` writes; checks the whole `layout` (factors may be on the meta device)
     against the whole base first, as `write_merged_checkpoint` does."""
@@ -155,7 +184,9 @@ def shard_modules(layout: HFAdapter, base_dir: Path, *, rank: int = 0, world_siz
         files = {name: reader.file_of(name) for name in reader.names()}
     shard_paths = sorted(set(files.values()))
     deltas = plan_deltas(layout, files)
-    _check_deltas(deltas, {entry.name: entry for path in shard_paths for entry in _read_entries(path)})
+    _check_deltas(
+        deltas, {entry.name: entry for path in shard_paths for entry in _read_entries(path)}
+    )
     mine = set(shard_paths[rank::world_size])
     return {delta.source for name, delta in deltas.items() if files[name] in mine}
 
@@ -208,7 +239,9 @@ def plan_deltas(adapter: HFAdapter, names: Iterable[str]) -> dict[str, LowRankDe
             rows = expert_weights.b[expert].chunk(len(parts), dim=0)[index]
             add(name, LowRankDelta(expert_weights.a[expert], rows, scale, key))
     if missing:
-        shown = "; ".join(missing[:5]) + (f"; ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        shown = "; ".join(missing[:5]) + (
+            f"; ... ({len(missing)} in all)" if len(missing) > 5 else ""
+        )
         raise ExportError(
             f"adapter modules without a base tensor: {shown}: the adapter does not belong to this base "
             f"checkpoint (text prefix {adapter.text_prefix!r})"
@@ -220,7 +253,9 @@ def _check_out_dir(base_dir: Path, out_dir: Path) -> None:
     if not out_dir.is_dir():
         raise ExportError(f"merged export directory {out_dir} does not exist or is not a directory")
     if out_dir.resolve() == base_dir.resolve():
-        raise ExportError(f"merged export directory {out_dir} is the base checkpoint itself: choose another")
+        raise ExportError(
+            f"merged export directory {out_dir} is the base checkpoint itself: choose another"
+        )
 
 
 def _check_deltas(deltas: dict[str, LowRankDelta], entries: dict[str, _Entry]) -> None:
@@ -256,8 +291,13 @@ def _read_entries(path: Path) -> list[_Entry]:
         raise CheckpointError(f"cannot read the safetensors header of {path}: {error}") from error
     data_start = 8 + length
     entries = [
-        _Entry(name, info["dtype"], tuple(info["shape"]), data_start + info["data_offsets"][0],
-               data_start + info["data_offsets"][1])
+        _Entry(
+            name,
+            info["dtype"],
+            tuple(info["shape"]),
+            data_start + info["data_offsets"][0],
+            data_start + info["data_offsets"][1],
+        )
         for name, info in header.items()
         if name != "__metadata__"
     ]
@@ -348,7 +388,9 @@ def _write_merged_tensor(
         raw = buffers.block(count * row_bytes)
         _read_exactly(src, raw, entry.start + first * row_bytes)
         block = raw.view(dtype).view(count, fan_in)
-        _add_delta_rows_(block, first, a, b, buffers.tile(tile_rows * fan_in).view(tile_rows, fan_in))
+        _add_delta_rows_(
+            block, first, a, b, buffers.tile(tile_rows * fan_in).view(tile_rows, fan_in)
+        )
         _write_tensor(dst, block)
         bar.update(count * row_bytes)
 
@@ -377,7 +419,9 @@ def _read_exactly(fd: int, buffer: Tensor, offset: int) -> None:
     while done < len(view):
         count = os.preadv(fd, [view[done:]], offset + done)
         if count == 0:
-            raise ExportError(f"the base file ended {len(view) - done} bytes early while reading: it is truncated")
+            raise ExportError(
+                f"the base file ended {len(view) - done} bytes early while reading: it is truncated"
+            )
         done += count
 
 
@@ -394,7 +438,9 @@ def _copy_range(src: int, dst: int, offset: int, count: int, bar: tqdm) -> None:
     while count > 0:
         sent = _send(src, dst, offset, min(count, _COPY_CHUNK))
         if sent == 0:
-            raise ExportError(f"the base file ended {count} bytes early while copying: it is truncated")
+            raise ExportError(
+                f"the base file ended {count} bytes early while copying: it is truncated"
+            )
         offset += sent
         count -= sent
         bar.update(sent)

@@ -112,7 +112,9 @@ def _per_expert_tensors(adapter: HFAdapter) -> dict[str, Tensor]:
         for expert in range(weights.a.shape[0]):
             row_blocks = weights.b[expert].chunk(len(names), dim=0)
             for name, b in zip(names, row_blocks, strict=True):
-                tensors.update(_lora_pair(adapter, f"{module}.{expert}.{name}", weights.a[expert], b))
+                tensors.update(
+                    _lora_pair(adapter, f"{module}.{expert}.{name}", weights.a[expert], b)
+                )
     return tensors
 
 
@@ -142,7 +144,9 @@ def _targeted_projections(adapter: HFAdapter) -> list[str]:
 
 def _per_expert_leaves(adapter: HFAdapter) -> set[str]:
     """Leaf names of the per-expert modules the per_expert profile writes."""
-    return {name for key in adapter.experts for name in PER_EXPERT_MODULES[_split_expert_key(key)[1]]}
+    return {
+        name for key in adapter.experts for name in PER_EXPERT_MODULES[_split_expert_key(key)[1]]
+    }
 
 
 def _split_expert_key(key: str) -> tuple[str, str]:
@@ -162,10 +166,14 @@ def _leaf(path: str) -> str:
 
 def _for_file(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """A contiguous CPU copy in `dtype` (a copy, so no two file tensors share storage)."""
-    return tensor.detach().to(device="cpu", dtype=dtype).clone(memory_format=torch.contiguous_format)
+    return (
+        tensor.detach().to(device="cpu", dtype=dtype).clone(memory_format=torch.contiguous_format)
+    )
 
 
-def _adapter_config(adapter: HFAdapter, target_modules: list[str], target_parameters: list[str]) -> dict[str, Any]:
+def _adapter_config(
+    adapter: HFAdapter, target_modules: list[str], target_parameters: list[str]
+) -> dict[str, Any]:
     """`adapter_config.json` as peft 0.21 reads it (fields not given take PEFT's defaults)."""
     return {
         "peft_type": "LORA",
@@ -210,13 +218,19 @@ def _header(entries: dict[str, tuple[int, ...]]) -> tuple[bytes, dict[str, int]]
     cursor = 0
     for key in sorted(entries):
         size = math.prod(entries[key]) * _F32
-        described[key] = {"dtype": "F32", "shape": list(entries[key]), "data_offsets": [cursor, cursor + size]}
+        described[key] = {
+            "dtype": "F32",
+            "shape": list(entries[key]),
+            "data_offsets": [cursor, cursor + size],
+        }
         offsets[key] = cursor
         cursor += size
     text = json.dumps(described, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     start = 8 + len(text)
-    return struct.pack("<Q", len(text)) + text, {key: start + offset for key, offset in offsets.items()}
+    return struct.pack("<Q", len(text)) + text, {
+        key: start + offset for key, offset in offsets.items()
+    }
 
 
 def create_adapter_file(directory: Path, layout: HFAdapter, profile: Profile) -> Path:
@@ -225,7 +239,10 @@ def create_adapter_file(directory: Path, layout: HFAdapter, profile: Profile) ->
     entries = file_entries(layout, profile)
     header, offsets = _header(entries)
     path = directory / WEIGHTS_FILE
-    end = max((offsets[key] + math.prod(shape) * _F32 for key, shape in entries.items()), default=len(header))
+    end = max(
+        (offsets[key] + math.prod(shape) * _F32 for key, shape in entries.items()),
+        default=len(header),
+    )
     with open(path, "wb") as handle:
         handle.write(header)
         handle.truncate(end)
@@ -240,7 +257,9 @@ def create_adapter_file(directory: Path, layout: HFAdapter, profile: Profile) ->
     return path
 
 
-def write_local_factors(path: Path, layout: HFAdapter, local: LocalFactors, profile: Profile) -> None:
+def write_local_factors(
+    path: Path, layout: HFAdapter, local: LocalFactors, profile: Profile
+) -> None:
     """Write the factors in `local` at their byte ranges of the adapter file `path` (made by
     `create_adapter_file`). Packed expert lora_B columns of consecutive local experts are written
     together (one run of bytes per row and rank index)."""
@@ -272,7 +291,12 @@ def _runs(indices: list[int]) -> list[list[int]]:
 
 
 def _write_expert_run(
-    fd: int, layout: HFAdapter, key: str, run: list[int], local: LocalFactors, offsets: dict[str, int],
+    fd: int,
+    layout: HFAdapter,
+    key: str,
+    run: list[int],
+    local: LocalFactors,
+    offsets: dict[str, int],
     profile: Profile,
 ) -> None:
     module, proj = _split_expert_key(key)
@@ -281,7 +305,9 @@ def _write_expert_run(
         for expert in run:
             a, b = local[(key, expert)]
             for name, rows in zip(names, b.chunk(len(names), dim=0), strict=True):
-                for file_key, tensor in _lora_pair(layout, f"{module}.{expert}.{name}", a, rows).items():
+                for file_key, tensor in _lora_pair(
+                    layout, f"{module}.{expert}.{name}", a, rows
+                ).items():
                     _pwrite(fd, tensor, offsets[file_key])
         return
     targeted = _targeted_projections(layout)
@@ -290,7 +316,9 @@ def _write_expert_run(
     experts, rank, fan_in = layout.experts[key].a.shape
     a = torch.stack([local[(key, e)][0] for e in run])
     _pwrite(fd, a, offsets[f"{stem}.lora_A.weight"] + run[0] * rank * fan_in * _F32)
-    columns = torch.stack([local[(key, e)][1] for e in run]).permute(1, 2, 0).float().contiguous()  # [out, r, n]
+    columns = (
+        torch.stack([local[(key, e)][1] for e in run]).permute(1, 2, 0).float().contiguous()
+    )  # [out, r, n]
     start = offsets[f"{stem}.lora_B.weight"]
     if len(run) == experts:
         _pwrite(fd, columns, start)
@@ -302,13 +330,17 @@ def _write_expert_run(
 
 
 def _pwrite(fd: int, tensor: Tensor, offset: int) -> None:
-    view = memoryview(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1).numpy()).cast("B")
+    view = memoryview(
+        tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1).numpy()
+    ).cast("B")
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def read_adapter_modules(path: Path, layout: HFAdapter, profile: Profile, modules: set[str]) -> HFAdapter:
+def read_adapter_modules(
+    path: Path, layout: HFAdapter, profile: Profile, modules: set[str]
+) -> HFAdapter:
     """The adapter restricted to `modules` (keys of `layout.linears` / `layout.experts`), read back
     from the adapter file `path` in `profile`'s layout: exactly the factors that were written."""
     from safetensors import safe_open
@@ -317,13 +349,22 @@ def read_adapter_modules(path: Path, layout: HFAdapter, profile: Profile, module
     experts: dict[str, HFExpertLoraWeights] = {}
     with safe_open(str(path), framework="pt") as handle:
         for module in sorted(modules & set(layout.linears)):
-            keys = list(_lora_pair(layout, module, layout.linears[module].a, layout.linears[module].b))
+            keys = list(
+                _lora_pair(layout, module, layout.linears[module].a, layout.linears[module].b)
+            )
             linears[module] = HFLoraWeights(handle.get_tensor(keys[0]), handle.get_tensor(keys[1]))
         targeted = _targeted_in_file(Path(path)) if profile == "peft" else []
         for key in sorted(modules & set(layout.experts)):
             experts[key] = _read_experts(handle, layout, key, profile, targeted)
-    return HFAdapter(linears, experts, layout.r, layout.alpha, layout.use_rslora, layout.text_prefix,
-                     layout.base_model_name_or_path)
+    return HFAdapter(
+        linears,
+        experts,
+        layout.r,
+        layout.alpha,
+        layout.use_rslora,
+        layout.text_prefix,
+        layout.base_model_name_or_path,
+    )
 
 
 def _targeted_in_file(path: Path) -> list[str]:
@@ -343,7 +384,14 @@ def _read_experts(
         a_rows, b_rows = [], []
         for expert in range(experts):
             parts = [
-                list(_lora_pair(layout, f"{module}.{expert}.{name}", layout.experts[key].a, layout.experts[key].b))
+                list(
+                    _lora_pair(
+                        layout,
+                        f"{module}.{expert}.{name}",
+                        layout.experts[key].a,
+                        layout.experts[key].b,
+                    )
+                )
                 for name in PER_EXPERT_MODULES[proj]
             ]
             a_rows.append(handle.get_tensor(parts[0][0]))
@@ -354,5 +402,6 @@ def _read_experts(
     a = handle.get_tensor(f"{stem}.lora_A.weight")
     b = handle.get_tensor(f"{stem}.lora_B.weight")
     return HFExpertLoraWeights(
-        a.view(experts, rank, -1).clone(), b.view(b.shape[0], rank, experts).permute(2, 0, 1).contiguous()
+        a.view(experts, rank, -1).clone(),
+        b.view(b.shape[0], rank, experts).permute(2, 0, 1).contiguous(),
     )

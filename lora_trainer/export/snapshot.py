@@ -60,7 +60,11 @@ class ExportJob:
     check_memory_gb: float = CHECK_MEMORY_GB
 
     def check_tensor(self) -> torch.Tensor | None:
-        return None if self.check_input_ids is None else torch.tensor(self.check_input_ids, dtype=torch.long)
+        return (
+            None
+            if self.check_input_ids is None
+            else torch.tensor(self.check_input_ids, dtype=torch.long)
+        )
 
 
 def snapshot_dir(save_dir: Path) -> Path:
@@ -88,7 +92,9 @@ def read_job(save_dir: Path) -> ExportJob:
             "(see export_manifest.json) or it was not saved by lora_trainer; pass another save"
         ) from error
     except (OSError, ValueError, TypeError) as error:
-        raise ExportError(f"{path} cannot be read ({error}): the snapshot is damaged; export another save") from error
+        raise ExportError(
+            f"{path} cannot be read ({error}): the snapshot is damaged; export another save"
+        ) from error
 
 
 def write_factors(save_dir: Path, rank: int, factors: Factors) -> Path:
@@ -109,7 +115,7 @@ def write_factors(save_dir: Path, rank: int, factors: Factors) -> Path:
         finally:
             os.close(fd)
         os.replace(partial, path)
-    except Exception as error:  # noqa: BLE001 - OSError, or safetensors' own error carrying an os error
+    except Exception as error:
         partial.unlink(missing_ok=True)
         raise export_error(path, error) from error
     return path
@@ -125,7 +131,10 @@ class SnapshotReader:
 
     def __init__(self, save_dir: Path, job: ExportJob) -> None:
         self.job = job
-        self.files = [snapshot_dir(save_dir) / FACTORS_FILE.format(rank=rank) for rank in range(job.snapshot_ranks)]
+        self.files = [
+            snapshot_dir(save_dir) / FACTORS_FILE.format(rank=rank)
+            for rank in range(job.snapshot_ranks)
+        ]
         missing = [path.name for path in self.files if not path.is_file()]
         if missing:
             raise ExportError(
@@ -137,7 +146,7 @@ class SnapshotReader:
         for path in self.files:
             shapes: dict[tuple[str, int | None], dict[str, tuple[int, ...]]] = defaultdict(dict)
             with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
+                for key in handle:
                     module, expert, factor = _parse(key)
                     shapes[(module, expert)][factor] = tuple(handle.get_slice(key).get_shape())
             for entry, factor_shapes in shapes.items():
@@ -146,7 +155,10 @@ class SnapshotReader:
     def meta_adapter(self) -> HFAdapter:
         """The whole adapter with meta tensors: shapes only, nothing read."""
         factors = {
-            entry: (torch.empty(shapes["a"], device="meta"), torch.empty(shapes["b"], device="meta"))
+            entry: (
+                torch.empty(shapes["a"], device="meta"),
+                torch.empty(shapes["b"], device="meta"),
+            )
             for entry, (_, shapes) in self.entries.items()
         }
         return self._adapter(factors)
@@ -165,7 +177,8 @@ class SnapshotReader:
                 for module, expert in entries:
                     key = _SEPARATOR.join((module, "" if expert is None else str(expert)))
                     factors[(module, expert)] = (
-                        handle.get_tensor(f"{key}{_SEPARATOR}a"), handle.get_tensor(f"{key}{_SEPARATOR}b")
+                        handle.get_tensor(f"{key}{_SEPARATOR}a"),
+                        handle.get_tensor(f"{key}{_SEPARATOR}b"),
                     )
         return self._adapter(factors)
 

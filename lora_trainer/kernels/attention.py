@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,9 @@ def causal_attention(
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens packs samples along T and needs batch size 1, got {q.shape[0]}")
+        raise ValueError(
+            f"cu_seqlens packs samples along T and needs batch size 1, got {q.shape[0]}"
+        )
     if q.is_cuda and q.dtype in FLASH_DTYPES and _flash_attn_available():
         return _flash_causal_attention(q, k, v, scale, cu_seqlens)
     return _sdpa_causal_attention(q, k, v, scale, cu_seqlens)
@@ -59,7 +62,15 @@ def _flash_causal_attention(
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
     max_seqlen = int(cu_seqlens.diff().max())
     out = flash_attn_varlen_func(
-        q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True
+        q[0],
+        k[0],
+        v[0],
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        softmax_scale=scale,
+        causal=True,
     )
     return out.unsqueeze(0)
 
@@ -75,9 +86,14 @@ def _sdpa_causal_attention(
     bounds = cu_seqlens.tolist()
     segments = [
         F.scaled_dot_product_attention(
-            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True, scale=scale, enable_gqa=True
+            q[:, :, start:end],
+            k[:, :, start:end],
+            v[:, :, start:end],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
         )
-        for start, end in zip(bounds[:-1], bounds[1:])
+        for start, end in itertools.pairwise(bounds)
         if end > start
     ]
     return torch.cat(segments, dim=2).transpose(1, 2).contiguous()

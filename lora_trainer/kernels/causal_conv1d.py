@@ -44,7 +44,9 @@ def causal_conv1d(
             f"x must be [B, C, T] and weight [C, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
     if cu_seqlens is not None and x.shape[0] != 1:
-        raise ValueError(f"cu_seqlens packs samples along T and needs batch size 1, got {x.shape[0]}")
+        raise ValueError(
+            f"cu_seqlens packs samples along T and needs batch size 1, got {x.shape[0]}"
+        )
     if _use_cuda_kernel(x) and _kernel_fits(x, weight, cu_seqlens):
         return _cuda_causal_conv1d(x, weight, activation, cu_seqlens)
     return _torch_causal_conv1d(x, weight, activation, cu_seqlens)
@@ -97,7 +99,10 @@ def _torch_causal_conv1d(
         heads = (torch.arange(seq_len, device=x.device) - starts < width - 1).nonzero().squeeze(-1)
         sources = heads.unsqueeze(-1) + torch.arange(1 - width, 1, device=x.device)
         inside = (sources >= starts[heads].unsqueeze(-1)).to(inputs.dtype)
-        windows = inputs.index_select(-1, sources.clamp(min=0).flatten()).unflatten(-1, sources.shape) * inside
+        windows = (
+            inputs.index_select(-1, sources.clamp(min=0).flatten()).unflatten(-1, sources.shape)
+            * inside
+        )
         out = out.index_copy(-1, heads, (windows * weight.unsqueeze(1)).sum(-1))
     if activation == "silu":
         out = F.silu(out)

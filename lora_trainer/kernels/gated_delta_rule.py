@@ -63,7 +63,9 @@ def _check_shapes(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Tensor | None
 ) -> None:
     if q.shape != k.shape or q.dim() != 4:
-        raise ValueError(f"q and k must both be [B, T, Hk, Dk], got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must both be [B, T, Hk, Dk], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if v.dim() != 4 or v.shape[:2] != q.shape[:2] or v.shape[2] % q.shape[2]:
         raise ValueError(
             f"v must be [B, T, Hv, Dv] with Hv a multiple of Hk={q.shape[2]}, got {tuple(v.shape)}"
@@ -74,7 +76,9 @@ def _check_shapes(
             f"got {tuple(g.shape)} and {tuple(beta.shape)}"
         )
     if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens packs samples along T and needs batch size 1, got {q.shape[0]}")
+        raise ValueError(
+            f"cu_seqlens packs samples along T and needs batch size 1, got {q.shape[0]}"
+        )
 
 
 def _fla_chunk_gated_delta_rule(
@@ -169,7 +173,9 @@ class _ChunkLayout:
             return
         cu_seqlens = cu_seqlens.to(torch.long)
         if cu_seqlens[0] != 0 or cu_seqlens[-1] != seq_len:
-            raise ValueError(f"cu_seqlens must run from 0 to T={seq_len}, got {cu_seqlens.tolist()}")
+            raise ValueError(
+                f"cu_seqlens must run from 0 to T={seq_len}, got {cu_seqlens.tolist()}"
+            )
         lengths = cu_seqlens.diff()
         chunk_counts = (lengths + CHUNK_SIZE - 1) // CHUNK_SIZE
         chunk_ends = chunk_counts.cumsum(0).tolist()
@@ -188,7 +194,11 @@ class _ChunkLayout:
             x = F.pad(x, (0, 0, 0, 0, 0, padded_len - self.seq_len))
         else:
             x = x.new_zeros(batch, padded_len, heads, dim).index_copy(1, self.slots, x)
-        return x.view(batch, self.num_chunks, CHUNK_SIZE, heads, dim).permute(1, 0, 3, 2, 4).contiguous()
+        return (
+            x.view(batch, self.num_chunks, CHUNK_SIZE, heads, dim)
+            .permute(1, 0, 3, 2, 4)
+            .contiguous()
+        )
 
     def unchunk(self, x: Tensor) -> Tensor:
         """[N, B, H, C, D] -> [B, T, H, D], padding dropped."""
@@ -213,11 +223,15 @@ class _ChunkSegments:
     def __init__(self, cu_seqlens: Tensor, seq_len: int, num_chunks: int) -> None:
         cu_seqlens = cu_seqlens.to(torch.long)
         if cu_seqlens[0] != 0 or cu_seqlens[-1] != seq_len:
-            raise ValueError(f"cu_seqlens must run from 0 to T={seq_len}, got {cu_seqlens.tolist()}")
+            raise ValueError(
+                f"cu_seqlens must run from 0 to T={seq_len}, got {cu_seqlens.tolist()}"
+            )
         device = cu_seqlens.device
         padded_len = num_chunks * CHUNK_SIZE
         starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff(), output_size=seq_len)
-        starts = torch.cat([starts, starts[-1:].expand(padded_len - seq_len)]).view(num_chunks, CHUNK_SIZE)
+        starts = torch.cat([starts, starts[-1:].expand(padded_len - seq_len)]).view(
+            num_chunks, CHUNK_SIZE
+        )
         chunk_starts = torch.arange(0, padded_len, CHUNK_SIZE, device=device).unsqueeze(-1)
         first = (starts - chunk_starts).clamp(min=0)
         self.restarts = first > 0
@@ -353,7 +367,11 @@ class _DecayedGrams(torch.autograd.Function):
 
 def _pairwise_decay(cum_decay: Tensor, blocked: Tensor) -> Tensor:
     """exp(c_i - c_j), 0 where `blocked`: [..., C] -> [..., C, C]."""
-    return (cum_decay.unsqueeze(-1) - cum_decay.unsqueeze(-2)).masked_fill_(blocked, float("-inf")).exp_()
+    return (
+        (cum_decay.unsqueeze(-1) - cum_decay.unsqueeze(-2))
+        .masked_fill_(blocked, float("-inf"))
+        .exp_()
+    )
 
 
 class _StateScan(torch.autograd.Function):
@@ -394,7 +412,9 @@ class _StateScan(torch.autograd.Function):
                 if i == first and initial_states is None:
                     corrected[i] = new_values[i]
                 else:
-                    torch.baddbmm(new_values[i], k_cumdecay[i], states[i], alpha=-1, out=corrected[i])
+                    torch.baddbmm(
+                        new_values[i], k_cumdecay[i], states[i], alpha=-1, out=corrected[i]
+                    )
                 state = states[i + 1] if i + 1 < end else finals[segment]
                 torch.mul(states[i], decay[i], out=state)
                 state.baddbmm_(key[i].mT, corrected[i])
@@ -406,7 +426,10 @@ class _StateScan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(
-        ctx: torch.autograd.function.FunctionCtx, d_states: Tensor, d_corrected: Tensor, d_finals: Tensor
+        ctx: torch.autograd.function.FunctionCtx,
+        d_states: Tensor,
+        d_corrected: Tensor,
+        d_finals: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, None]:
         k_cumdecay, key, chunk_decay, states, corrected = ctx.saved_tensors
         decay = chunk_decay[..., None, None]

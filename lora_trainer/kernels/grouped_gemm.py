@@ -35,12 +35,22 @@ def grouped_backend(device_type: str, dtype: torch.dtype) -> Backend:
         try:
             x = torch.zeros(2, 8, device=device_type, dtype=dtype)
             w = torch.zeros(2, 8, 8, device=device_type, dtype=dtype)
-            grouped(x, w.transpose(-2, -1), offs=torch.tensor([1, 2], device=device_type, dtype=torch.int32))
+            grouped(
+                x,
+                w.transpose(-2, -1),
+                offs=torch.tensor([1, 2], device=device_type, dtype=torch.int32),
+            )
             backend = "grouped_mm"
         except (RuntimeError, NotImplementedError):
             backend = "loop"
-    log.info("Routed experts on %s %s: %s", device_type, str(dtype).removeprefix("torch."),
-             "torch grouped matmul" if backend == "grouped_mm" else "a per-expert loop (no grouped matmul)")
+    log.info(
+        "Routed experts on %s %s: %s",
+        device_type,
+        str(dtype).removeprefix("torch."),
+        "torch grouped matmul"
+        if backend == "grouped_mm"
+        else "a per-expert loop (no grouped matmul)",
+    )
     return backend
 
 
@@ -102,14 +112,21 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _forward_loop(grad, weight.transpose(-2, -1), counts)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.stack([g.t() @ x_g for g, x_g in zip(grad.split(counts), x.split(counts))])
+            grad_w = torch.stack(
+                [g.t() @ x_g for g, x_g in zip(grad.split(counts), x.split(counts))]
+            )
         return grad_x, grad_w, None, None
 
 
 def grouped_linear(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
     """x [T, K] with rows sorted by group, weight [G, N, K], offs int32 [G]: the cumulative row
     counts (offs[-1] == T). Returns [T, N] where rows of group g are `x_g @ weight[g]^T`."""
-    if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2] or offs.shape != (weight.shape[0],):
+    if (
+        x.dim() != 2
+        or weight.dim() != 3
+        or x.shape[1] != weight.shape[2]
+        or offs.shape != (weight.shape[0],)
+    ):
         raise ValueError(
             f"grouped_linear: x {list(x.shape)}, weight {list(weight.shape)} and offs "
             f"{list(offs.shape)} do not form x [T, K], weight [G, N, K], offs [G]"

@@ -9,7 +9,14 @@ from typing import Literal
 from lora_trainer.errors import LoraTrainerError
 
 LoraStyle = Literal["fused", "canonical"]
-ALL_TARGETS: tuple[str, ...] = ("linear_qkv", "linear_proj", "in_proj", "out_proj", "linear_fc1", "linear_fc2")
+ALL_TARGETS: tuple[str, ...] = (
+    "linear_qkv",
+    "linear_proj",
+    "in_proj",
+    "out_proj",
+    "linear_fc1",
+    "linear_fc2",
+)
 UNEXPRESSIBLE_TARGETS = {
     "router": "a LoRA on the MoE router (HF `mlp.gate`) cannot be loaded by PEFT (unsupported module type)",
     "gate": "a LoRA on the MoE router (HF `mlp.gate`) cannot be loaded by PEFT (unsupported module type)",
@@ -57,7 +64,9 @@ class LoraConfig:
                     f"lora.targets contains unknown {target!r}; choose from {', '.join(ALL_TARGETS)}"
                 )
         if not self.targets:
-            raise LoraConfigError("lora.targets is empty; name at least one of " + ", ".join(ALL_TARGETS))
+            raise LoraConfigError(
+                "lora.targets is empty; name at least one of " + ", ".join(ALL_TARGETS)
+            )
 
     @property
     def scale(self) -> float:

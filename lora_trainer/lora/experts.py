@@ -58,14 +58,26 @@ class GroupedLoraLinear(nn.Module):
         self.register_buffer("positions", positions.to(device), persistent=False)
         self.adapters = len(spans) if canonical and self.kind == "column" else 1
         full_in = sum(span.size for span in spans) if self.kind == "row" else base.weight.shape[2]
-        a_full = torch.stack([seeded_kaiming((self.adapters, r, full_in), seed, name) for name in self.names])
-        self.lora_A = nn.Parameter((a_full if self.kind == "column" else a_full[..., positions]).to(device))
+        a_full = torch.stack(
+            [seeded_kaiming((self.adapters, r, full_in), seed, name) for name in self.names]
+        )
+        self.lora_A = nn.Parameter(
+            (a_full if self.kind == "column" else a_full[..., positions]).to(device)
+        )
         experts, out_local = base.weight.shape[:2]
-        rows = [out_local] if self.adapters == 1 else [len(span_rows(positions, span)) for span in spans]
-        self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(experts, n, r, device=device)) for n in rows)
+        rows = (
+            [out_local]
+            if self.adapters == 1
+            else [len(span_rows(positions, span)) for span in spans]
+        )
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.zeros(experts, n, r, device=device)) for n in rows
+        )
         if self.adapters > 1:
             cat_order = torch.cat([span_rows(positions, span) for span in spans])
-            self.register_buffer("perm", inverse_order(cat_order, positions).to(device), persistent=False)
+            self.register_buffer(
+                "perm", inverse_order(cat_order, positions).to(device), persistent=False
+            )
         self._mark_parallel_attributes()
 
     def _mark_parallel_attributes(self) -> None:
@@ -86,7 +98,10 @@ class GroupedLoraLinear(nn.Module):
         h = grouped_linear(x, a, offs)
         if self.adapters == 1:
             return self.scale * grouped_linear(h, self.lora_B[0].to(x.dtype), offs)
-        parts = [grouped_linear(h_i, b.to(x.dtype), offs) for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B)]
+        parts = [
+            grouped_linear(h_i, b.to(x.dtype), offs)
+            for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B)
+        ]
         return self.scale * torch.cat(parts, dim=-1)[..., self.perm]
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

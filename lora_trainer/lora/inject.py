@@ -75,6 +75,11 @@ def inject_lora(model: Qwen35Model, config: LoraConfig) -> list[Adapter]:
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA (%s, r=%d) on %d linears of this rank: %d trainable parameters",
-             config.style, config.r, len(adapters), trainable)
+    log.info(
+        "LoRA (%s, r=%d) on %d linears of this rank: %d trainable parameters",
+        config.style,
+        config.r,
+        len(adapters),
+        trainable,
+    )
     return adapters

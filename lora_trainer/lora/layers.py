@@ -28,7 +28,13 @@ from torch import nn
 from lora_trainer.bridge.loader import group_rank_size
 from lora_trainer.bridge.mapping import SplitGroup
 from lora_trainer.bridge.transforms import Transform
-from lora_trainer.lora.layout import TargetSpan, inverse_order, shard_positions, span_rows, target_spans
+from lora_trainer.lora.layout import (
+    TargetSpan,
+    inverse_order,
+    shard_positions,
+    span_rows,
+    target_spans,
+)
 
 if TYPE_CHECKING:
     from lora_trainer.lora.experts import ExpertLoraView
@@ -83,7 +89,9 @@ class LoraLinear(nn.Module):
         device = base.weight.device
         full_in = sum(span.size for span in self.spans) if kind == "row" else base.weight.shape[1]
         a_full = seeded_kaiming((self.adapters, r, full_in), seed, name)
-        self.lora_A = nn.Parameter((a_full if kind == "column" else a_full[:, :, positions]).to(device))
+        self.lora_A = nn.Parameter(
+            (a_full if kind == "column" else a_full[:, :, positions]).to(device)
+        )
         self.lora_B = nn.ParameterList(
             nn.Parameter(torch.zeros(rows, r, device=device)) for rows in self._local_rows()
         )
@@ -101,8 +109,12 @@ class LoraLinear(nn.Module):
 
     def _mark_parallel_attributes(self) -> None:
         """Tell megatron's DDP and grad-norm code how each factor is split and reduced."""
-        sequence_parallel = bool(getattr(self.base, "sequence_parallel", False)) and not self.is_expert
-        split, replicated = (self.lora_B, [self.lora_A]) if self.kind == "column" else ([self.lora_A], self.lora_B)
+        sequence_parallel = (
+            bool(getattr(self.base, "sequence_parallel", False)) and not self.is_expert
+        )
+        split, replicated = (
+            (self.lora_B, [self.lora_A]) if self.kind == "column" else ([self.lora_A], self.lora_B)
+        )
         for param in split:
             param.tensor_model_parallel = self.group_size > 1
             param.partition_dim = 0 if self.kind == "column" else 2
@@ -132,10 +144,14 @@ class LoraLinear(nn.Module):
         h = self._communicate(h)
         if self.adapters == 1:
             return self.scale * F.linear(h, self.lora_B[0].to(h.dtype))
-        parts = [F.linear(h_i, b.to(h.dtype)) for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B)]
+        parts = [
+            F.linear(h_i, b.to(h.dtype)) for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B)
+        ]
         return self.scale * torch.cat(parts, dim=-1)[..., self.perm]
 
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out, bias = self.base(x, *args, **kwargs)
         return out + self.delta(x).to(out.dtype), bias
 
@@ -151,12 +167,16 @@ class LoraLinear(nn.Module):
         copy_full_factors(self, a_full, b_full)
 
 
-def copy_full_factors(adapter: LoraLinear | ExpertLoraView, a_full: torch.Tensor, b_full: torch.Tensor) -> None:
+def copy_full_factors(
+    adapter: LoraLinear | ExpertLoraView, a_full: torch.Tensor, b_full: torch.Tensor
+) -> None:
     """Copy full, unsharded factors (a_full [adapters, r, in], b_full [out, r] in
     target-concatenation order) into `adapter`'s shard of them."""
     a_full, b_full = a_full.to(adapter.lora_A.device), b_full.to(adapter.lora_A.device)
     with torch.no_grad():
-        adapter.lora_A.copy_(a_full if adapter.kind == "column" else a_full[:, :, adapter.positions])
+        adapter.lora_A.copy_(
+            a_full if adapter.kind == "column" else a_full[:, :, adapter.positions]
+        )
         if adapter.kind == "row":
             adapter.lora_B[0].copy_(b_full)
         elif adapter.adapters == 1:

@@ -30,11 +30,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.overrides import TorchFunctionMode
-
 from megatron.core import package_info
 from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel import random as mcore_random
+from torch.overrides import TorchFunctionMode
 
 SUPPORTED_MEGATRON = (0, 16)
 

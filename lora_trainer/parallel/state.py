@@ -131,7 +131,9 @@ def initialize_parallel(
     switches to.
     """
     if parallel_state.model_parallel_is_initialized():
-        raise RuntimeError("megatron parallel state is already initialized; call destroy_parallel()")
+        raise RuntimeError(
+            "megatron parallel state is already initialized; call destroy_parallel()"
+        )
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = _env_int("LOCAL_RANK")

@@ -33,14 +33,23 @@ class GatedAttention(nn.Module):
         d = spec.head_dim
         qkv_out = 2 * spec.num_attention_heads * d + 2 * spec.num_key_value_heads * d
         self.linear_qkv = ColumnParallelLinear(
-            spec.hidden_size, qkv_out, config=config, init_method=_no_init,
-            bias=spec.attention_bias, gather_output=False,
+            spec.hidden_size,
+            qkv_out,
+            config=config,
+            init_method=_no_init,
+            bias=spec.attention_bias,
+            gather_output=False,
         )
         self.q_layernorm = ZeroCenteredRMSNorm(d, spec.rms_norm_eps)
         self.k_layernorm = ZeroCenteredRMSNorm(d, spec.rms_norm_eps)
         self.linear_proj = RowParallelLinear(
-            spec.num_attention_heads * d, spec.hidden_size, config=config, init_method=_no_init,
-            bias=spec.attention_bias, input_is_parallel=True, skip_bias_add=False,
+            spec.num_attention_heads * d,
+            spec.hidden_size,
+            config=config,
+            init_method=_no_init,
+            bias=spec.attention_bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
         )
 
     def forward(
@@ -64,6 +73,8 @@ class GatedAttention(nn.Module):
         if cu_seqlens is not None:
             q, k, v = (x.reshape(1, batch * seq, *x.shape[2:]) for x in (q, k, v))
         out = causal_attention(q, k, v, scale=d**-0.5, cu_seqlens=cu_seqlens)
-        out = out.reshape(batch, seq, heads * d) * torch.sigmoid(gate.reshape(batch, seq, heads * d))
+        out = out.reshape(batch, seq, heads * d) * torch.sigmoid(
+            gate.reshape(batch, seq, heads * d)
+        )
         out, _ = self.linear_proj(out.transpose(0, 1).contiguous())
         return out

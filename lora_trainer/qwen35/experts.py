@@ -28,16 +28,24 @@ class GroupedLinear(nn.Module):
     `kind` says how expert tensor parallelism splits it: `column` on the output, `row` on the input."""
 
     def __init__(
-        self, num_experts: int, in_features: int, out_features: int, config: TransformerConfig,
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        config: TransformerConfig,
         kind: Literal["column", "row"],
     ) -> None:
         super().__init__()
         self.kind = kind
         device = torch.cuda.current_device() if not config.use_cpu_initialization else "cpu"
         self.weight = nn.Parameter(
-            torch.empty(num_experts, out_features, in_features, dtype=config.params_dtype, device=device)
+            torch.empty(
+                num_experts, out_features, in_features, dtype=config.params_dtype, device=device
+            )
         )
-        self.weight.allreduce = False  # an expert parameter: reduced over the expert data-parallel group
+        self.weight.allreduce = (
+            False  # an expert parameter: reduced over the expert data-parallel group
+        )
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         return grouped_linear(x, self.weight, offs)
@@ -49,7 +57,10 @@ class GroupedExperts(MegatronModule):
     interface; the experts need no group of their own)."""
 
     def __init__(
-        self, num_local_experts: int, config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None
+        self,
+        num_local_experts: int,
+        config: TransformerConfig,
+        pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
         super().__init__(config=config)
         etp = config.expert_tensor_parallel_size
@@ -58,7 +69,9 @@ class GroupedExperts(MegatronModule):
         # Decide (and log) the grouped-matmul backend now, outside any activation checkpoint:
         # selective recompute replays every grouped matmul of the forward, the probe included.
         grouped_backend("cuda" if not config.use_cpu_initialization else "cpu", config.params_dtype)
-        self.linear_fc1 = GroupedLinear(num_local_experts, config.hidden_size, 2 * width, config, "column")
+        self.linear_fc1 = GroupedLinear(
+            num_local_experts, config.hidden_size, 2 * width, config, "column"
+        )
         self.linear_fc2 = GroupedLinear(num_local_experts, width, config.hidden_size, config, "row")
 
     def forward(

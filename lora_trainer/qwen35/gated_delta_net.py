@@ -31,17 +31,29 @@ class GatedDeltaNet(nn.Module):
         self.value_dim = spec.linear_value_head_dim
         in_out = 2 * spec.gdn_key_dim + 2 * spec.gdn_value_dim + 2 * spec.linear_num_value_heads
         self.in_proj = ColumnParallelLinear(
-            spec.hidden_size, in_out, config=config, init_method=_no_init, bias=False, gather_output=False
+            spec.hidden_size,
+            in_out,
+            config=config,
+            init_method=_no_init,
+            bias=False,
+            gather_output=False,
         )
         channels = 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
         dtype = config.params_dtype
-        self.conv1d_weight = nn.Parameter(torch.empty(channels, 1, spec.linear_conv_kernel_dim, dtype=dtype))
+        self.conv1d_weight = nn.Parameter(
+            torch.empty(channels, 1, spec.linear_conv_kernel_dim, dtype=dtype)
+        )
         self.A_log = nn.Parameter(torch.empty(self.value_heads, dtype=dtype))
         self.dt_bias = nn.Parameter(torch.empty(self.value_heads, dtype=dtype))
         self.out_norm = GatedRMSNorm(self.value_dim, spec.rms_norm_eps)
         self.out_proj = RowParallelLinear(
-            spec.gdn_value_dim, spec.hidden_size, config=config, init_method=_no_init,
-            bias=False, input_is_parallel=True, skip_bias_add=False,
+            spec.gdn_value_dim,
+            spec.hidden_size,
+            config=config,
+            init_method=_no_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
         )
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -50,11 +62,16 @@ class GatedDeltaNet(nn.Module):
         seq, batch = projected.shape[:2]
         projected = projected.transpose(0, 1)
         kd, vd = self.key_heads * self.key_dim, self.value_heads * self.value_dim
-        qkv, z, b, a = torch.split(projected, [2 * kd + vd, vd, self.value_heads, self.value_heads], dim=-1)
+        qkv, z, b, a = torch.split(
+            projected, [2 * kd + vd, vd, self.value_heads, self.value_heads], dim=-1
+        )
         if cu_seqlens is not None:
             qkv, b, a = (x.reshape(1, batch * seq, x.shape[-1]) for x in (qkv, b, a))
         conv_out = causal_conv1d(
-            qkv.transpose(1, 2), self.conv1d_weight.squeeze(1), activation="silu", cu_seqlens=cu_seqlens
+            qkv.transpose(1, 2),
+            self.conv1d_weight.squeeze(1),
+            activation="silu",
+            cu_seqlens=cu_seqlens,
         ).transpose(1, 2)
         q, k, v = torch.split(conv_out, [kd, kd, vd], dim=-1)
         rows, tokens = q.shape[:2]
@@ -64,7 +81,9 @@ class GatedDeltaNet(nn.Module):
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         out, _ = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True)
-        out = self.out_norm(out.reshape(batch, seq, self.value_heads, self.value_dim),
-                            z.reshape(batch, seq, self.value_heads, self.value_dim))
+        out = self.out_norm(
+            out.reshape(batch, seq, self.value_heads, self.value_dim),
+            z.reshape(batch, seq, self.value_heads, self.value_dim),
+        )
         out, _ = self.out_proj(out.reshape(batch, seq, vd).transpose(0, 1).contiguous())
         return out

@@ -20,7 +20,9 @@ class DecoderLayer(nn.Module):
         sp = config.sequence_parallel
         self.input_layernorm = ZeroCenteredRMSNorm(spec.hidden_size, spec.rms_norm_eps, sp)
         self.self_attention: nn.Module = (
-            GatedAttention(spec, config) if kind == "full_attention" else GatedDeltaNet(spec, config)
+            GatedAttention(spec, config)
+            if kind == "full_attention"
+            else GatedDeltaNet(spec, config)
         )
         self.pre_mlp_layernorm = ZeroCenteredRMSNorm(spec.hidden_size, spec.rms_norm_eps, sp)
         self.mlp = build_mlp(spec, config)

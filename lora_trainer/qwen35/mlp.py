@@ -26,8 +26,12 @@ from lora_trainer.qwen35.spec import Qwen35Spec
 def build_mlp(spec: Qwen35Spec, config: TransformerConfig) -> nn.Module:
     """A module mapping [S, B, H] -> ([S, B, H], bias), dense or MoE per the spec."""
     if spec.is_moe:
-        moe_spec = get_moe_module_spec(use_te=False, num_experts=spec.num_experts, moe_grouped_gemm=False)
-        moe_spec.submodules = replace(moe_spec.submodules, experts=ModuleSpec(module=GroupedExperts))
+        moe_spec = get_moe_module_spec(
+            use_te=False, num_experts=spec.num_experts, moe_grouped_gemm=False
+        )
+        moe_spec.submodules = replace(
+            moe_spec.submodules, experts=ModuleSpec(module=GroupedExperts)
+        )
         return build_module(moe_spec, config=config)
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     return MLP(config, submodules, ffn_hidden_size=spec.intermediate_size)

@@ -42,7 +42,9 @@ class Qwen35Model(MegatronModule):
     the layers keep for backward (see `lora_trainer.qwen35.recompute`).
     """
 
-    def __init__(self, spec: Qwen35Spec, config: TransformerConfig, recompute: Recompute = Recompute.none) -> None:
+    def __init__(
+        self, spec: Qwen35Spec, config: TransformerConfig, recompute: Recompute = Recompute.none
+    ) -> None:
         super().__init__(config=config)
         self.recompute = Recompute(recompute)
         self.model_type = ModelType.encoder_or_decoder
@@ -71,8 +73,12 @@ class Qwen35Model(MegatronModule):
                 spec.hidden_size, spec.rms_norm_eps, config.sequence_parallel
             )
             self.output_layer = ColumnParallelLinear(
-                spec.hidden_size, spec.vocab_size, config=config, init_method=_no_init,
-                bias=False, gather_output=False,
+                spec.hidden_size,
+                spec.vocab_size,
+                config=config,
+                init_method=_no_init,
+                bias=False,
+                gather_output=False,
             )
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor] | None) -> None:

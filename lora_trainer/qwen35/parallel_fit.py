@@ -10,21 +10,48 @@ from lora_trainer.qwen35.spec import Qwen35Spec
 def check_parallel_fits(spec: Qwen35Spec, parallel: ParallelConfig) -> None:
     """Raise ParallelConfigError naming every size that the layout cannot split evenly."""
     splits: list[tuple[str, int, str, int]] = [
-        ("parallel.tp", parallel.tp, "attention heads (num_attention_heads)", spec.num_attention_heads),
+        (
+            "parallel.tp",
+            parallel.tp,
+            "attention heads (num_attention_heads)",
+            spec.num_attention_heads,
+        ),
         ("parallel.tp", parallel.tp, "KV groups (num_key_value_heads)", spec.num_key_value_heads),
-        ("parallel.tp", parallel.tp, "GDN key heads (linear_num_key_heads)", spec.linear_num_key_heads),
-        ("parallel.tp", parallel.tp, "GDN value heads (linear_num_value_heads)", spec.linear_num_value_heads),
+        (
+            "parallel.tp",
+            parallel.tp,
+            "GDN key heads (linear_num_key_heads)",
+            spec.linear_num_key_heads,
+        ),
+        (
+            "parallel.tp",
+            parallel.tp,
+            "GDN value heads (linear_num_value_heads)",
+            spec.linear_num_value_heads,
+        ),
         ("parallel.tp", parallel.tp, "vocabulary (vocab_size)", spec.vocab_size),
         ("parallel.pp", parallel.pp, "layers (num_hidden_layers)", spec.num_layers),
     ]
     if spec.is_moe:
         splits += [
             ("parallel.ep", parallel.ep, "routed experts (num_experts)", spec.num_experts),
-            ("parallel.etp", parallel.etp, "expert FFN width (moe_intermediate_size)", spec.moe_intermediate_size),
-            ("parallel.tp", parallel.tp, "shared expert FFN width", spec.shared_expert_intermediate_size),
+            (
+                "parallel.etp",
+                parallel.etp,
+                "expert FFN width (moe_intermediate_size)",
+                spec.moe_intermediate_size,
+            ),
+            (
+                "parallel.tp",
+                parallel.tp,
+                "shared expert FFN width",
+                spec.shared_expert_intermediate_size,
+            ),
         ]
     else:
-        splits.append(("parallel.tp", parallel.tp, "FFN width (intermediate_size)", spec.intermediate_size))
+        splits.append(
+            ("parallel.tp", parallel.tp, "FFN width (intermediate_size)", spec.intermediate_size)
+        )
         if parallel.ep > 1:
             raise ParallelConfigError(
                 f"parallel.ep={parallel.ep} but the model {spec.model_type!r} is dense (no experts); set parallel.ep=1"
@@ -41,6 +68,7 @@ def check_parallel_fits(spec: Qwen35Spec, parallel: ParallelConfig) -> None:
     ]
     if problems:
         raise ParallelConfigError(
-            "the parallel layout does not fit the model: " + "; ".join(problems)
+            "the parallel layout does not fit the model: "
+            + "; ".join(problems)
             + ". Choose sizes that divide these counts."
         )

@@ -40,21 +40,33 @@ class Recompute(StrEnum):
 
 
 _SAVED_OPS = frozenset(
-    op.name() for op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._grouped_mm.default)
+    op.name()
+    for op in (
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten._grouped_mm.default,
+    )
 )
 
 
 def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """Keep the weight matmuls' outputs, recompute the rest."""
-    return CheckpointPolicy.MUST_SAVE if op.name() in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return (
+        CheckpointPolicy.MUST_SAVE if op.name() in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    )
 
 
-def run_with_recompute(mode: Recompute, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+def run_with_recompute(
+    mode: Recompute, fn: Callable[..., torch.Tensor], *args: Any
+) -> torch.Tensor:
     """`fn(*args)`, keeping for backward what `mode` says (everything outside autograd)."""
     if mode == Recompute.none or not torch.is_grad_enabled():
         return fn(*args)
     context_fn = (
         functools.partial(create_selective_checkpoint_contexts, _selective_policy)
-        if mode == Recompute.selective else noop_context_fn
+        if mode == Recompute.selective
+        else noop_context_fn
     )
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn)
+    return checkpoint(
+        fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn
+    )

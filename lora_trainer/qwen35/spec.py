@@ -78,7 +78,7 @@ class Qwen35Spec:
         return "model.language_model." if self.is_conditional_generation else "model."
 
     @classmethod
-    def from_hf_dir(cls, path: str | Path) -> "Qwen35Spec":
+    def from_hf_dir(cls, path: str | Path) -> Qwen35Spec:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(
@@ -98,12 +98,14 @@ class Qwen35Spec:
         return cls.from_config_dict(config, source=str(config_file))
 
     @classmethod
-    def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> "Qwen35Spec":
+    def from_config_dict(cls, config: dict[str, Any], source: str = "config") -> Qwen35Spec:
         model_type = config.get("model_type")
         if model_type in WRAPPER_MODEL_TYPES:
             text = config.get("text_config")
             if not isinstance(text, dict):
-                raise CheckpointError(f"{source}: model_type {model_type!r} needs a `text_config` section")
+                raise CheckpointError(
+                    f"{source}: model_type {model_type!r} needs a `text_config` section"
+                )
             text = dict(text)
             text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
             conditional = True
@@ -120,7 +122,7 @@ class Qwen35Spec:
     @classmethod
     def _from_text_config(
         cls, text: dict[str, Any], model_type: str, conditional: bool, source: str
-    ) -> "Qwen35Spec":
+    ) -> Qwen35Spec:
         def need(key: str) -> Any:
             if key not in text:
                 raise CheckpointError(f"{source}: text config has no {key!r}")
@@ -131,7 +133,8 @@ class Qwen35Spec:
         if layer_types is None:
             interval = int(text.get("full_attention_interval", 4))
             layer_types = [
-                "linear_attention" if (i + 1) % interval else "full_attention" for i in range(num_layers)
+                "linear_attention" if (i + 1) % interval else "full_attention"
+                for i in range(num_layers)
             ]
         if len(layer_types) != num_layers:
             raise CheckpointError(

@@ -22,7 +22,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH, build_tiny_tokenizer, tokenizer_recipe
+from lora_trainer.data.tokenizer_builder import (
+    TINY_SFT_PATH,
+    build_tiny_tokenizer,
+    tokenizer_recipe,
+)
 from lora_trainer.errors import ConfigError
 
 TinyKind = Literal["moe", "dense"]
@@ -32,30 +36,30 @@ RECIPE_VERSION = 1
 SEED = 20240607
 VOCAB_SIZE = 512
 
-TEXT_SIZES: dict[str, Any] = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=64,
-    num_hidden_layers=4,
-    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=16,
-    linear_value_head_dim=16,
-    linear_conv_kernel_dim=4,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    max_position_embeddings=4096,
-)
-MOE_SIZES: dict[str, Any] = dict(
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=32,
-    shared_expert_intermediate_size=32,
-)
-DENSE_SIZES: dict[str, Any] = dict(intermediate_size=128)
+TEXT_SIZES: dict[str, Any] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+}
+MOE_SIZES: dict[str, Any] = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+}
+DENSE_SIZES: dict[str, Any] = {"intermediate_size": 128}
 
 
 def _recipe(kind: str) -> dict[str, Any]:
@@ -74,7 +78,9 @@ def _recipe(kind: str) -> dict[str, Any]:
 def tiny_checkpoint_path(kind: str, cache_dir: str | Path) -> Path:
     """Where the tiny checkpoint of `kind` lives under `cache_dir` (built or not)."""
     if kind not in TINY_KINDS:
-        raise ConfigError(f"model.tiny={kind!r} is not a tiny model kind; use one of {', '.join(TINY_KINDS)}")
+        raise ConfigError(
+            f"model.tiny={kind!r} is not a tiny model kind; use one of {', '.join(TINY_KINDS)}"
+        )
     digest = hashlib.sha256(json.dumps(_recipe(kind), sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir).absolute() / f"qwen3_5-tiny-{kind}-{digest}"
 
@@ -109,11 +115,11 @@ def _build(kind: str, directory: Path) -> None:
 
     build_tiny_tokenizer(directory, vocab_size=VOCAB_SIZE)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    special = dict(
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    special = {
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
     with torch.random.fork_rng(devices=[]):
         if kind == "moe":
             config = transformers.Qwen3_5MoeTextConfig(**TEXT_SIZES, **MOE_SIZES, **special)

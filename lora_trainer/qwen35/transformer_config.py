@@ -53,7 +53,9 @@ def build_transformer_config(
         num_moe_experts=spec.num_experts if moe else None,
         moe_router_topk=spec.num_experts_per_tok if moe else 2,
         moe_ffn_hidden_size=spec.moe_intermediate_size if moe else None,
-        moe_shared_expert_intermediate_size=(spec.shared_expert_intermediate_size or None) if moe else None,
+        moe_shared_expert_intermediate_size=(spec.shared_expert_intermediate_size or None)
+        if moe
+        else None,
         moe_shared_expert_gate=moe and spec.shared_expert_intermediate_size > 0,
         moe_router_score_function="softmax",
         moe_router_pre_softmax=False,

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.checkpoint_export import CheckpointExportCallback
 from callbacks.step_progress import StepProgressBar
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 def _wandb_has_credentials() -> bool:
     netrc = Path.home() / ".netrc"
-    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+    )
 
 
 def build_logger(config: TrainConfig) -> Any:
@@ -84,8 +86,12 @@ def train(config: TrainConfig, resolved: Any) -> None:
         micro_batch_size=config.trainer.micro_batch_size,
         global_batch_size=config.trainer.global_batch_size,
     )
-    module = LoraTrainingModule(config, str(resolved.hf_path), resolved.num_microbatches, resolved.parallel)
-    saver = CheckpointExportCallback(config, check_batch(resolved.spec.vocab_size), resolved.resume_path)
+    module = LoraTrainingModule(
+        config, str(resolved.hf_path), resolved.num_microbatches, resolved.parallel
+    )
+    saver = CheckpointExportCallback(
+        config, check_batch(resolved.spec.vocab_size), resolved.resume_path
+    )
     validate = bool(config.data.val_path) and config.trainer.val_every_n_steps > 0
     trainer = pl.Trainer(
         accelerator=accelerator,
@@ -94,7 +100,9 @@ def train(config: TrainConfig, resolved: Any) -> None:
         strategy=MegatronStrategy(
             resolved.parallel,
             seed=config.seed,
-            save_settings=run_settings(config, Path(resolved.hf_path), resolved.world_size, resolved.parallel),
+            save_settings=run_settings(
+                config, Path(resolved.hf_path), resolved.world_size, resolved.parallel
+            ),
         ),
         max_steps=config.trainer.max_steps,
         precision="32-true",
@@ -113,7 +121,9 @@ def train(config: TrainConfig, resolved: Any) -> None:
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     save = resolved.save_dir(saver.last_saved_step) if saver.last_saved_step >= 0 else resume
     if trainer.is_global_zero and save is not None and is_complete_save(save):
-        print(final_message(save, Path(resolved.hf_path), config.export.adapter, config.export.merged))
+        print(
+            final_message(save, Path(resolved.hf_path), config.export.adapter, config.export.merged)
+        )
 
 
 def finish_exports_only(config: TrainConfig, checkpoints: Path, resume: Path, base: Path) -> None:
@@ -122,7 +132,8 @@ def finish_exports_only(config: TrainConfig, checkpoints: Path, resume: Path, ba
     if rank_zero_only.rank != 0:
         return
     log.info(
-        "The resumed save is at trainer.max_steps=%d: only completing unfinished exports", config.trainer.max_steps
+        "The resumed save is at trainer.max_steps=%d: only completing unfinished exports",
+        config.trainer.max_steps,
     )
     for save in pending_exports(checkpoints):
         complete_export(save)

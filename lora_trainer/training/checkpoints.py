@@ -91,17 +91,22 @@ def load_rank_state(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        reason = next((line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        reason = next(
+            (line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+            "",
+        )
         raise CheckpointError(
             f"{path} holds objects other than tensors and plain values ({reason.strip() or 'refused'}); "
             "lora_trainer never writes such files, so it was altered or comes from elsewhere: it "
             "was not loaded. Resume from another save"
         ) from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+    except Exception as exc:
         raise CheckpointError(f"{path} cannot be read ({exc}); resume from another save") from exc
 
 
-def write_state_manifest(state_dir: Path, *, step: int, world_size: int, settings: dict[str, Any]) -> None:
+def write_state_manifest(
+    state_dir: Path, *, step: int, world_size: int, settings: dict[str, Any]
+) -> None:
     """List the rank files of `state_dir` with their sizes, and the run's `settings`, in
     `state_dir/manifest.json` (rank 0, once every rank's file is written)."""
     files = {path.name: path.stat().st_size for path in sorted(state_dir.glob("rank-*.pt"))}
@@ -113,7 +118,13 @@ def write_state_manifest(state_dir: Path, *, step: int, world_size: int, setting
         )
     atomic_write_json(
         state_dir / STATE_MANIFEST,
-        {"format_version": 1, "step": step, "world_size": world_size, "files": files, "settings": settings},
+        {
+            "format_version": 1,
+            "step": step,
+            "world_size": world_size,
+            "files": files,
+            "settings": settings,
+        },
     )
 
 
@@ -142,7 +153,9 @@ def _size_problems(directory: Path, sizes: dict[str, int]) -> list[str]:
         if not file.is_file():
             problems.append(f"{file.relative_to(directory.parent)} is missing")
         elif file.stat().st_size != size:
-            problems.append(f"{file.relative_to(directory.parent)} has {file.stat().st_size} bytes, not {size}")
+            problems.append(
+                f"{file.relative_to(directory.parent)} has {file.stat().st_size} bytes, not {size}"
+            )
     return problems
 
 
@@ -169,7 +182,9 @@ def save_problems(save: Path) -> list[str]:
             continue
         size = sum((save / directory / name).stat().st_size for name in files)
         if size != totals.get(directory):
-            problems.append(f"{directory}/ holds {size} bytes, its manifest says {totals.get(directory)}")
+            problems.append(
+                f"{directory}/ holds {size} bytes, its manifest says {totals.get(directory)}"
+            )
     return problems
 
 
@@ -183,7 +198,9 @@ def scan_saves(root: Path) -> tuple[list[Path], dict[Path, list[str]]]:
     if not root.is_dir():
         return [], {}
     intact, damaged = [], {}
-    for path in sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of):
+    for path in sorted(
+        (p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of
+    ):
         problems = save_problems(path)
         if problems:
             damaged[path] = problems
@@ -239,7 +256,9 @@ def set_aside_after(root: Path, step: int) -> tuple[Path, list[Path]] | None:
     saves, or None when there is nothing after `step`."""
     if not root.is_dir():
         return None
-    newer = sorted((p for p in root.iterdir() if p.is_dir() and (step_of(p) or 0) > step), key=step_of)
+    newer = sorted(
+        (p for p in root.iterdir() if p.is_dir() and (step_of(p) or 0) > step), key=step_of
+    )
     if not newer:
         return None
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}"

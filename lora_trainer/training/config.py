@@ -16,7 +16,7 @@ These field names are the public contract of `python train.py key=value` overrid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from lora_trainer.lora.config import ALL_TARGETS, LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
@@ -37,8 +37,8 @@ class ModelConfig:
     """`hf_path`: a local Hugging Face Qwen3.5 checkpoint directory. Left null, the embedded tiny
     random model of kind `tiny` is built once and cached under `tiny_cache_dir`."""
 
-    hf_path: Optional[str] = None
-    tiny: Optional[TinyKind] = None
+    hf_path: str | None = None
+    tiny: TinyKind | None = None
     tiny_cache_dir: str = ".cache/tiny_models"
     dtype: ModelDtype = ModelDtype.auto
     recompute: Recompute = Recompute.none
@@ -59,8 +59,13 @@ class LoraSection:
     def to_lora_config(self) -> LoraConfig:
         """The validated library config (LoraConfigError for bad values)."""
         return LoraConfig(
-            r=self.r, alpha=self.alpha, rslora=self.rslora, dropout=self.dropout,
-            targets=tuple(self.targets), style=self.style, seed=self.seed,  # type: ignore[arg-type]
+            r=self.r,
+            alpha=self.alpha,
+            rslora=self.rslora,
+            dropout=self.dropout,
+            targets=tuple(self.targets),
+            style=self.style,
+            seed=self.seed,  # type: ignore[arg-type]
         )
 
 
@@ -111,7 +116,7 @@ class DataSection:
     overlong: Overlong = Overlong.drop
     columns: DataColumns = field(default_factory=DataColumns)
     cache_dir: str = ".cache/data"
-    num_proc: Optional[int] = None
+    num_proc: int | None = None
 
 
 @dataclass
@@ -173,7 +178,7 @@ class LoggerSection:
 
     kind: LoggerKind = LoggerKind.wandb
     project: str = "lora_trainer"
-    name: Optional[str] = None
+    name: str | None = None
 
 
 @dataclass
@@ -194,5 +199,5 @@ class TrainConfig:
     export: ExportSection = field(default_factory=ExportSection)
     logger: LoggerSection = field(default_factory=LoggerSection)
     output_dir: str = "outputs/run"
-    resume: Optional[str] = None
+    resume: str | None = None
     seed: int = 1234

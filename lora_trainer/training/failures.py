@@ -24,7 +24,12 @@ from lora_trainer.errors import LoraTrainerError, PeerExportError
 
 MARKER = ".lora_trainer.failed"
 PEER_WAIT_S = 10.0
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Connection refused",
+)
 
 
 def exit_code(error: BaseException) -> int:
@@ -48,7 +53,9 @@ def clear_marker(output_dir: Path) -> None:
 
 
 def _peer_gone(error: BaseException) -> bool:
-    return isinstance(error, (dist.DistError, PeerExportError)) or any(text in str(error) for text in _PEER_GONE)
+    return isinstance(error, (dist.DistError, PeerExportError)) or any(
+        text in str(error) for text in _PEER_GONE
+    )
 
 
 def _claim(marker: Path, code: int) -> bool:

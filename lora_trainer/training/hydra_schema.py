@@ -57,7 +57,9 @@ SWEEPS_REFUSED = (
 
 def register_schema() -> None:
     """Store the schema in Hydra's ConfigStore under `SCHEMA_NAME` (idempotent)."""
-    schema = TrainConfig(model=ModelConfig(hf_path=MISSING), parallel=ParallelSection(), trainer=TrainerSection())
+    schema = TrainConfig(
+        model=ModelConfig(hf_path=MISSING), parallel=ParallelSection(), trainer=TrainerSection()
+    )
     ConfigStore.instance().store(name=SCHEMA_NAME, node=schema)
 
 
@@ -86,7 +88,9 @@ def check_command_line(argv: list[str], config_dir: Path) -> None:
             )
     try:
         with initialize_config_dir(config_dir=str(config_dir.absolute()), version_base=None):
-            cfg = compose(args.config_name or CONFIG_NAME, overrides=args.overrides, return_hydra_config=True)
+            cfg = compose(
+                args.config_name or CONFIG_NAME, overrides=args.overrides, return_hydra_config=True
+            )
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from err
     if cfg.hydra.mode == RunMode.MULTIRUN:
@@ -96,7 +100,11 @@ def check_command_line(argv: list[str], config_dir: Path) -> None:
 def unknown_key_error(key: str, known: list[str]) -> ConfigError:
     """`key is not a config key`, with the nearest known key (difflib) when there is one."""
     nearest = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean {nearest[0]}?" if nearest else "the keys are in README.md's configuration table"
+    hint = (
+        f"did you mean {nearest[0]}?"
+        if nearest
+        else "the keys are in README.md's configuration table"
+    )
     return ConfigError(f"{key} is not a config key (with or without +); {hint}")
 
 
@@ -111,7 +119,8 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     if missing:
         preset = f" model={_model_choice()}" if _model_choice() else ""
         reasons = [
-            f"{key} is required: " + MISSING_HINTS.get(key, f"add {key}=<value>").format(preset=preset)
+            f"{key} is required: "
+            + MISSING_HINTS.get(key, f"add {key}=<value>").format(preset=preset)
             for key in missing
         ]
         raise ConfigError("; ".join(reasons))
@@ -125,7 +134,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 
 
 def _paths(node: DictConfig, prefix: str = "") -> Iterator[str]:
-    for key in node.keys():
+    for key in node:
         path = f"{prefix}{key}"
         yield path
         child = node._get_node(key)
@@ -141,10 +150,16 @@ def _one_line(err: Exception) -> str:
     for part in parts:
         for raw in part.split("Config search path:")[0].splitlines():
             line = raw.strip()
-            if not line or line.startswith(("full_key:", "object_type=", "reference_type=")) or line in message:
+            if (
+                not line
+                or line.startswith(("full_key:", "object_type=", "reference_type="))
+                or line in message
+            ):
                 continue
             listed = raw[:1].isspace() and not message.endswith(":")
-            message += (" " if message.endswith(":") else ", " if listed else ": " if message else "") + line
+            message += (
+                " " if message.endswith(":") else ", " if listed else ": " if message else ""
+            ) + line
     return message
 
 

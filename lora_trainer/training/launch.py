@@ -23,4 +23,6 @@ def is_relaunched_rank(environ: Mapping[str, str] = os.environ) -> bool:
 def is_first_process(environ: Mapping[str, str] = os.environ) -> bool:
     """The process of global rank 0 before launch: the one `python train.py` started, or rank 0
     of torchrun (`RANK`) or srun (`SLURM_PROCID`). It takes the output_dir lock and prepares it."""
-    return not is_relaunched_rank(environ) and environ.get("RANK", environ.get("SLURM_PROCID", "0")) in ("", "0")
+    return not is_relaunched_rank(environ) and environ.get(
+        "RANK", environ.get("SLURM_PROCID", "0")
+    ) in ("", "0")

@@ -8,7 +8,9 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 IGNORE_INDEX = -100
 
 
-def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of per-token cross entropies over trained tokens, and their count.
 
     logits [B, S, V/tp] (this rank's vocabulary slice), labels [B, S] with IGNORE_INDEX where a

@@ -13,18 +13,23 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from lora_trainer.bridge.build import LoadedModel, build_model_from_hf
 from lora_trainer.errors import CheckpointError
-from lora_trainer.lora.inject import inject_lora
 from lora_trainer.lora.experts import Adapter
+from lora_trainer.lora.inject import inject_lora
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.loss import masked_token_loss
 from lora_trainer.training.optim import build_optimizer, clip_gradients, warmup_cosine
 from lora_trainer.training.resume import TRAIN_LOG
+
 
 def params_dtype(name: str) -> torch.dtype:
     """`auto`: bf16 on GPU, fp32 on CPU (names checked against MODEL_DTYPES before launch)."""
@@ -34,7 +39,9 @@ def params_dtype(name: str) -> torch.dtype:
 
 
 class LoraTrainingModule(pl.LightningModule):
-    def __init__(self, config: TrainConfig, hf_path: str, num_microbatches: int, parallel: ParallelConfig) -> None:
+    def __init__(
+        self, config: TrainConfig, hf_path: str, num_microbatches: int, parallel: ParallelConfig
+    ) -> None:
         super().__init__()
         self.config = config
         self.parallel = parallel
@@ -53,14 +60,21 @@ class LoraTrainingModule(pl.LightningModule):
         if self.loaded is not None:
             return
         self.loaded = build_model_from_hf(
-            self.hf_path, self.parallel, params_dtype(self.config.model.dtype), self.config.model.recompute
+            self.hf_path,
+            self.parallel,
+            params_dtype(self.config.model.dtype),
+            self.config.model.recompute,
         )
         self.adapters = inject_lora(self.loaded.model, self.config.lora.to_lora_config())
         model_config = self.loaded.model.config
         model_config.calculate_per_token_loss = True
         model_config.finalize_model_grads_func = finalize_model_grads
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
-        self.ddp = DistributedDataParallel(config=model_config, ddp_config=ddp_config, module=self.loaded.model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=False
+        )
+        self.ddp = DistributedDataParallel(
+            config=model_config, ddp_config=ddp_config, module=self.loaded.model
+        )
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.loaded.model.parameters() if p.requires_grad]
@@ -70,13 +84,22 @@ class LoraTrainingModule(pl.LightningModule):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(self.config.optim, self.config.trainer.max_steps)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"},
+        }
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Only the LoRA factors of this rank (the base is the HF checkpoint, never saved)."""
-        return {name: p.detach().clone() for name, p in self.loaded.model.named_parameters() if p.requires_grad}
+        return {
+            name: p.detach().clone()
+            for name, p in self.loaded.model.named_parameters()
+            if p.requires_grad
+        }
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False
+    ) -> Any:
         params = dict(self.loaded.model.named_parameters())
         missing = [name for name, p in params.items() if p.requires_grad and name not in state_dict]
         unexpected = [name for name in state_dict if name not in params]
@@ -94,14 +117,26 @@ class LoraTrainingModule(pl.LightningModule):
             batch, _, _ = next(dataloader_iter)
             yield {key: value.to(self.device) for key, value in batch.items()}
 
-    def _forward_step(self, data_iterator: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple[torch.Tensor, Any]:
+    def _forward_step(
+        self, data_iterator: Iterator[dict[str, torch.Tensor]], model: Any
+    ) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
         cu_seqlens = batch.get("cu_seqlens")
-        output = model(batch["input_ids"], batch["position_ids"], None if cu_seqlens is None else cu_seqlens.long())
+        output = model(
+            batch["input_ids"],
+            batch["position_ids"],
+            None if cu_seqlens is None else cu_seqlens.long(),
+        )
 
-        def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        def loss_func(
+            logits: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
             loss_sum, tokens = masked_token_loss(logits, batch["labels"])
-            return loss_sum, tokens.int(), {"loss": torch.stack([loss_sum.detach(), tokens.float()])}
+            return (
+                loss_sum,
+                tokens.int(),
+                {"loss": torch.stack([loss_sum.detach(), tokens.float()])},
+            )
 
         return output, loss_func
 
@@ -110,7 +145,9 @@ class LoraTrainingModule(pl.LightningModule):
         optimizer = self.optimizers()
         self.ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = self._run_schedule(self._microbatches(dataloader_iter), self.num_microbatches, forward_only=False)
+        losses = self._run_schedule(
+            self._microbatches(dataloader_iter), self.num_microbatches, forward_only=False
+        )
         params = self.trainable_parameters()
         for param in params:
             param.grad = param.main_grad.to(param.dtype)
@@ -138,7 +175,10 @@ class LoraTrainingModule(pl.LightningModule):
         path = Path(self.config.output_dir) / TRAIN_LOG
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as log_file:
-            log_file.write(json.dumps({"step": self.trainer.global_step, "time": time.time(), **metrics}) + "\n")
+            log_file.write(
+                json.dumps({"step": self.trainer.global_step, "time": time.time(), **metrics})
+                + "\n"
+            )
 
     def _global_loss(self, losses: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Token-weighted mean loss over the global batch and its trained-token count, on every
@@ -150,11 +190,15 @@ class LoraTrainingModule(pl.LightningModule):
         if dist.is_initialized():
             dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
             last = parallel_state.get_pipeline_model_parallel_last_rank()
-            dist.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.broadcast(
+                totals, src=last, group=parallel_state.get_pipeline_model_parallel_group()
+            )
         loss_sum, tokens = totals.tolist()
         return loss_sum / max(tokens, 1.0), tokens
 
-    def _run_schedule(self, batches: Iterator[dict[str, torch.Tensor]], count: int, forward_only: bool) -> list[dict[str, torch.Tensor]]:
+    def _run_schedule(
+        self, batches: Iterator[dict[str, torch.Tensor]], count: int, forward_only: bool
+    ) -> list[dict[str, torch.Tensor]]:
         return get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=batches,
@@ -186,7 +230,9 @@ class LoraTrainingModule(pl.LightningModule):
         """Set the learning rate of the next step from this run's schedule: a resume restores the
         rate the saved run's schedule set, which differs when trainer.max_steps changed."""
         scheduler = self.scheduler
-        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        for group, base, factor in zip(
+            scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+        ):
             group["lr"] = base * factor(scheduler.last_epoch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

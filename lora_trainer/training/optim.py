@@ -18,7 +18,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimSection) -> torch.opti
     )
 
 
-def warmup_cosine(cfg: OptimSection, max_steps: int) -> "callable[[int], float]":
+def warmup_cosine(cfg: OptimSection, max_steps: int) -> callable[[int], float]:
     """Multiplier of `cfg.lr` at a step: linear warmup, then cosine down to `cfg.min_lr`."""
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
 
@@ -57,7 +57,9 @@ def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
                 dense += square
     if dist.is_initialized():
         dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
-        dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+        dist.all_reduce(
+            expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group()
+        )
     return (dense + expert).sqrt()
 
 

@@ -38,7 +38,11 @@ def _process_start(pid: int) -> str | None:
 
 def _describe(holder: dict[str, Any]) -> str:
     since = holder.get("started")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+        if isinstance(since, (int, float))
+        else "?"
+    )
     return f"host {holder.get('host')}, pid {holder.get('pid')}, since {when}"
 
 
@@ -48,7 +52,12 @@ class OutputDirLock:
     def __init__(self, output_dir: Path) -> None:
         self.path = Path(output_dir) / LOCK_FILE
         pid = os.getpid()
-        self.me = {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid), "started": time.time()}
+        self.me = {
+            "host": socket.gethostname(),
+            "pid": pid,
+            "pid_start": _process_start(pid),
+            "started": time.time(),
+        }
 
     def _stale(self, holder: dict[str, Any]) -> bool:
         if holder.get("host") != self.me["host"]:
@@ -95,7 +104,9 @@ class OutputDirLock:
                 if not holder or self._stale(holder):
                     log.warning(
                         "output_dir=%s: taking over the lock %s of a run that is no longer running (%s)",
-                        self.path.parent, self.path, _describe(holder) if holder else "unreadable lock file",
+                        self.path.parent,
+                        self.path,
+                        _describe(holder) if holder else "unreadable lock file",
                     )
                     os.replace(temporary, self.path)
                     if self._read() == self.me:
@@ -107,7 +118,9 @@ class OutputDirLock:
                     f"wait for it to end or choose another output_dir (if no run is alive there, "
                     f"delete {self.path})"
                 )
-            raise ConfigError(f"output_dir={self.path.parent}: could not take the lock {self.path}; try again")
+            raise ConfigError(
+                f"output_dir={self.path.parent}: could not take the lock {self.path}; try again"
+            )
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -120,6 +133,9 @@ class OutputDirLock:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
     ) -> None:
         self.release()

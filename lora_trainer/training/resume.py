@@ -42,12 +42,23 @@ RESUME_LATEST = "latest"
 TRAIN_LOG = "train_log.jsonl"
 RANKS = "trainer.devices * trainer.num_nodes"
 RESUME_KEYS = (
-    "lora.r", "lora.alpha", "lora.rslora", "lora.targets", "lora.style",
-    RANKS, "parallel.tp", "parallel.pp", "parallel.ep", "parallel.etp", "parallel.sp",
+    "lora.r",
+    "lora.alpha",
+    "lora.rslora",
+    "lora.targets",
+    "lora.style",
+    RANKS,
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.ep",
+    "parallel.etp",
+    "parallel.sp",
 )
 
 
-def run_settings(config: TrainConfig, hf_path: Path, world_size: int, parallel: ParallelConfig) -> dict[str, Any]:
+def run_settings(
+    config: TrainConfig, hf_path: Path, world_size: int, parallel: ParallelConfig
+) -> dict[str, Any]:
     """What a save records of its run (`parallel`: the layout it trains with), to check a resume
     against (`check_resume`)."""
     lora = config.lora
@@ -90,7 +101,9 @@ def find_resume(resume: str | None, checkpoints: Path, announce: bool) -> Path |
             f"resume={resume}: {path} is not a directory; pass a save directory "
             "(output_dir/checkpoints/step-N), resume=latest or resume=null"
         )
-    problems = save_problems(path) if step_of(path) is not None else [f"{path.name} is not named step-N"]
+    problems = (
+        save_problems(path) if step_of(path) is not None else [f"{path.name} is not named step-N"]
+    )
     if problems:
         raise CheckpointError(
             f"resume={resume}: {path} is not an intact save ({'; '.join(problems[:3])}); pass "
@@ -103,7 +116,9 @@ def _shown(key: str, value: Any) -> str:
     return f"{key}={value}" if key != RANKS else f"{key} = {value} ranks"
 
 
-def check_resume(save: Path, config: TrainConfig, hf_path: Path, world_size: int, parallel: ParallelConfig) -> None:
+def check_resume(
+    save: Path, config: TrainConfig, hf_path: Path, world_size: int, parallel: ParallelConfig
+) -> None:
     """Refuse a resume whose adapter or layout settings differ from the save's; read every rank
     file's structure with weights_only; say what a changed trainer.max_steps does."""
     saved = read_state_manifest(save)["settings"]
@@ -116,7 +131,9 @@ def check_resume(save: Path, config: TrainConfig, hf_path: Path, world_size: int
         )
     differences = [key for key in RESUME_KEYS if saved.get(key) != now[key]]
     if differences:
-        pairs = ", ".join(f"{_shown(key, now[key])} (the save has {saved.get(key)})" for key in differences)
+        pairs = ", ".join(
+            f"{_shown(key, now[key])} (the save has {saved.get(key)})" for key in differences
+        )
         fix = " ".join(f"{key}={saved.get(key)}" for key in differences if key != RANKS)
         raise ConfigError(
             f"resume={save} was trained with other settings: {pairs}; resume with the save's "
@@ -124,12 +141,16 @@ def check_resume(save: Path, config: TrainConfig, hf_path: Path, world_size: int
         )
     for name in read_state_manifest(save)["files"]:
         load_rank_state(save / TRAINING_STATE / name, mmap=True)
-    note = schedule_note(config.optim, saved.get("trainer.max_steps"), config.trainer.max_steps, step_of(save) or 0)
+    note = schedule_note(
+        config.optim, saved.get("trainer.max_steps"), config.trainer.max_steps, step_of(save) or 0
+    )
     if note:
         log.warning(note)
 
 
-def schedule_note(optim: OptimSection, saved_max: int | None, max_steps: int, step: int) -> str | None:
+def schedule_note(
+    optim: OptimSection, saved_max: int | None, max_steps: int, step: int
+) -> str | None:
     """What the learning rate does when a resume changes trainer.max_steps (None when it does not)."""
     if saved_max is None or saved_max == max_steps:
         return None
@@ -154,10 +175,19 @@ def start_at(output_dir: Path, checkpoints: Path, step: int) -> None:
         log.warning(
             "Starting at step %d: moved the later saves %s (another line of training) and %d lines "
             "of %s to %s; resume=latest, checkpoint.keep_last and the final message no longer see them",
-            step, ", ".join(path.name for path in moved[1]), dropped, TRAIN_LOG, aside,
+            step,
+            ", ".join(path.name for path in moved[1]),
+            dropped,
+            TRAIN_LOG,
+            aside,
         )
     elif dropped:
-        log.info("%s: dropped %d lines after step %d (those steps are trained again)", TRAIN_LOG, dropped, step)
+        log.info(
+            "%s: dropped %d lines after step %d (those steps are trained again)",
+            TRAIN_LOG,
+            dropped,
+            step,
+        )
 
 
 def trim_train_log(path: Path, step: int, aside: Path | None) -> int:

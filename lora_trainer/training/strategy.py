@@ -16,12 +16,21 @@ from megatron.core import parallel_state
 from lora_trainer.errors import CheckpointError
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.parallel.state import initialize_parallel
-from lora_trainer.training.checkpoints import STATE_FILE, load_rank_state, save_rank_state, write_state_manifest
+from lora_trainer.training.checkpoints import (
+    STATE_FILE,
+    load_rank_state,
+    save_rank_state,
+    write_state_manifest,
+)
 
 
 class MegatronStrategy(DDPStrategy):
     def __init__(
-        self, parallel: ParallelConfig, seed: int, save_settings: dict[str, Any] | None = None, **kwargs: Any
+        self,
+        parallel: ParallelConfig,
+        seed: int,
+        save_settings: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         super().__init__(process_group_backend=backend, **kwargs)
@@ -40,7 +49,9 @@ class MegatronStrategy(DDPStrategy):
     def _layout(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "parallel": asdict(self.parallel)}
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None
+    ) -> None:
         """Every rank writes its own file into the directory `filepath` (temp file + rename); once
         all are written, rank 0 lists them with the run's settings in its manifest.json."""
         directory = Path(filepath)
@@ -50,10 +61,15 @@ class MegatronStrategy(DDPStrategy):
         self.barrier("save:rank_states")
         if self.is_global_zero:
             write_state_manifest(
-                directory, step=checkpoint["global_step"], world_size=self.world_size, settings=self.save_settings
+                directory,
+                step=checkpoint["global_step"],
+                world_size=self.world_size,
+                settings=self.save_settings,
             )
 
-    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: str | Path, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         path = Path(checkpoint_path) / STATE_FILE.format(rank=self.global_rank)
         if not path.is_file():
             raise CheckpointError(

@@ -230,7 +230,14 @@ def _shard_problem(file: Path) -> str | None:
             return f"has {size} bytes, less than its {length}-byte header"
         try:
             header = json.loads(handle.read(length))
-            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+            end = max(
+                (
+                    entry["data_offsets"][1]
+                    for key, entry in header.items()
+                    if key != "__metadata__"
+                ),
+                default=0,
+            )
         except (ValueError, KeyError, TypeError, IndexError):
             return "has an unreadable header"
     if size != 8 + length + end:
@@ -244,7 +251,9 @@ def _parallel(config: TrainConfig, spec: Qwen35Spec) -> tuple[ParallelConfig, in
     if not spec.is_moe and (parallel.ep, parallel.etp) != (1, 1):
         log.info(
             "parallel.ep=%s and parallel.etp=%s split routed experts, which this dense model does not "
-            "have: the run uses ep=1, etp=1", parallel.ep, parallel.etp,
+            "have: the run uses ep=1, etp=1",
+            parallel.ep,
+            parallel.etp,
         )
         parallel = replace(parallel, ep=1, etp=1)
     world = trainer.devices * trainer.num_nodes
