@@ -199,8 +199,10 @@ def main() -> None:
         return large[key] / max(small[key], 1.0)
 
     print(
-        f"{max(results):,} / {min(results):,} rows: rows/s x{ratio('rows_per_s'):.2f}, peak anonymous "
-        f"RSS x{ratio('peak_anon_mib'):.2f} (with the tokenizer processes x{ratio('peak_anon_all_mib'):.2f}), "
+        f"{max(results):,} / {min(results):,} rows: rows/s x{ratio('rows_per_s'):.2f}, peak "
+        "anonymous "
+        f"RSS x{ratio('peak_anon_mib'):.2f} (with the tokenizer processes "
+        f"x{ratio('peak_anon_all_mib'):.2f}), "
         f"peak RSS x{ratio('peak_rss_mib'):.2f}"
     )
 

@@ -184,7 +184,8 @@ def main() -> None:
             export_hf(adapter, base, root / "save", step=1, progress=False)
             print(
                 f"export (adapter + merged): {time.perf_counter() - started:.1f} s, peak RSS "
-                f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB before it"
+                f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB "
+                "before it"
             )
             del adapter
         if args.skip_check:
@@ -195,7 +196,8 @@ def main() -> None:
 
         full = model_bytes(base, torch.float32)
         print(
-            f"whole model in float32: {full / 2**30:.1f} GiB vs export.check_memory_gb={CHECK_MEMORY_GB}: "
+            f"whole model in float32: {full / 2**30:.1f} GiB vs "
+            f"export.check_memory_gb={CHECK_MEMORY_GB}: "
             f"{'full' if full <= CHECK_MEMORY_GB * 2**30 else 'layer'} mode"
         )
         baseline = reset_peak()
@@ -205,12 +207,14 @@ def main() -> None:
         )
         print(
             f"check (layer mode): {time.perf_counter() - started:.1f} s, peak RSS "
-            f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB before it"
+            f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB before "
+            "it"
         )
         print(result.message)
         for kind, figures in result.kinds.items():
             print(
-                f"  {kind:15s} max |adapter - merged| {figures.max_abs_diff:.3g}, rounding {figures.rounding_diff:.3g}, "
+                f"  {kind:15s} max |adapter - merged| {figures.max_abs_diff:.3g}, rounding "
+                f"{figures.rounding_diff:.3g}, "
                 f"tolerance {figures.tolerance:.3g}, scale {figures.scale:.3g}"
             )
 

@@ -142,7 +142,8 @@ def main() -> None:
         for rank in sorted(results.keys()):
             peak, baseline, seconds = results[rank]
             print(
-                f"{args.mode}: rank {rank} peak RSS {peak / 2**20:.0f} MiB above {baseline / 2**20:.0f} MiB, "
+                f"{args.mode}: rank {rank} peak RSS {peak / 2**20:.0f} MiB above "
+                f"{baseline / 2**20:.0f} MiB, "
                 f"export {seconds:.1f} s"
             )
         shutil.rmtree(Path(tmp) / "save", ignore_errors=True)

@@ -153,7 +153,8 @@ def write_base(directory: Path, shapes: dict[str, tuple[int, ...]], shard_bytes:
 
 
 def random_adapter(shapes: dict[str, tuple[int, ...]]) -> HFAdapter:
-    """Rank-16 factors (non-zero B) on every linear LoRA target and both packed expert projections."""
+    """Rank-16 factors (non-zero B) on every linear LoRA target and both packed expert
+    projections."""
     generator = torch.Generator().manual_seed(1)
     targets = (
         "_proj.weight",
@@ -271,7 +272,8 @@ def main() -> None:
         adapter_file = root / "adapter.pt"
         torch.save(adapter, adapter_file)
         print(
-            f"adapter: r={RANK}, {len(adapter.linears)} linear modules, {len(adapter.experts)} packed expert projections"
+            f"adapter: r={RANK}, {len(adapter.linears)} linear modules, {len(adapter.experts)} "
+            "packed expert projections"
         )
 
         copies: list[float] = []
@@ -313,7 +315,8 @@ def main() -> None:
             f"median {statistics.median(merge_times) / statistics.median(copies):.2f}x (goal <= 3x)"
         )
         print(
-            f"peak RSS of the merged export: {peak / 2**20:.0f} MiB ({baseline / 2**20:.0f} MiB after "
+            f"peak RSS of the merged export: {peak / 2**20:.0f} MiB ({baseline / 2**20:.0f} MiB "
+            "after "
             f"imports and adapter load); largest shard + 512 MiB = {budget / 2**20:.0f} MiB; "
             f"ratio {peak / budget:.2f} (goal <= 1)"
         )

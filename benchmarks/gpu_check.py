@@ -113,11 +113,12 @@ def compare_kernel(
     expected = reference(*exact)
     (expected * weight).sum().backward()
     out_error = relative(out, expected)
-    grad_error = max(relative(f.grad, e.grad) for f, e in zip(fast, exact))
+    grad_error = max(relative(f.grad, e.grad) for f, e in zip(fast, exact, strict=True))
     ok = out_error <= KERNEL_TOLERANCE and grad_error <= KERNEL_TOLERANCE
     results.add(
         f"kernel {name}",
-        f"{backend}: out {out_error:.1e}, grads {grad_error:.1e} of max|ref| (bf16 vs fp32 torch path), "
+        f"{backend}: out {out_error:.1e}, grads {grad_error:.1e} of max|ref| (bf16 vs fp32 torch "
+        "path), "
         f"{milliseconds:.0f} ms fwd+bwd incl. first-call compile",
         ok,
     )
@@ -173,8 +174,8 @@ def check_kernels(results: Results, args: argparse.Namespace) -> None:
             results,
             f"causal conv1d, {channels} channels, {'packed' if packed else 'rows'}",
             backend,
-            lambda x, w: causal_conv1d(x, w, cu_seqlens=packing),
-            lambda x, w: conv_module._torch_causal_conv1d(x, w, "silu", packing),
+            lambda x, w, packing=packing: causal_conv1d(x, w, cu_seqlens=packing),
+            lambda x, w, packing=packing: conv_module._torch_causal_conv1d(x, w, "silu", packing),
             [x, weight],
         )
     q, k, v = randn(1, tokens, 16, 256), randn(1, tokens, 2, 256), randn(1, tokens, 2, 256)
@@ -377,7 +378,8 @@ def check_stack(results: Results, args: argparse.Namespace) -> None:
             label = "16 packed samples" if packed else "1 row"
             results.add(
                 f"35B-A3B-width 4-layer LoRA step, {label}",
-                f"{args.seq / seconds[packed]:,.0f} tokens/s ({seconds[packed] * 1e3:.0f} ms/step of {args.seq} "
+                f"{args.seq / seconds[packed]:,.0f} tokens/s ({seconds[packed] * 1e3:.0f} ms/step "
+                f"of {args.seq} "
                 f"tokens), peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB, "
                 f"{trainable / 1e6:.1f}M LoRA params",
                 True,

@@ -1,4 +1,5 @@
-"""CPU speed of our pure-torch chunk_gated_delta_rule against transformers' torch_chunk_gated_delta_rule.
+"""CPU speed of our pure-torch chunk_gated_delta_rule against transformers'
+torch_chunk_gated_delta_rule.
 
 Times forward + backward on the same inputs and the same torch threads, alternating the two so
 that load drift on a shared machine hits both alike, and prints the medians and the ratio

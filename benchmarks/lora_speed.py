@@ -1,5 +1,5 @@
-"""CPU speed of a LoRA training step: ours (TP=1) against transformers + PEFT on the same checkpoint,
-and our routed experts as grouped GEMMs against the per-expert loop.
+"""CPU speed of a LoRA training step: ours (TP=1) against transformers + PEFT on the same
+checkpoint, and our routed experts as grouped GEMMs against the per-expert loop.
 
 1. LoRA training step. For a dense model, an 8-expert MoE (top-2) and a 256-expert MoE (top-8,
    hidden 256, expert width 64) it builds a random checkpoint with transformers' own classes and
@@ -185,8 +185,10 @@ def bench_training_step(name: str, args: argparse.Namespace, workdir: Path) -> N
     theirs_step, theirs_trainable = peft_step(theirs, moe, input_ids)
     medians = alternate({"ours": ours, "peft": theirs_step}, args.warmup, args.repeats)
     print(
-        f"| {name} | {args.rows} x {seq} | {ours_trainable / 1e6:.2f}M / {theirs_trainable / 1e6:.2f}M | "
-        f"{medians['ours'] * 1e3:.0f} | {medians['peft'] * 1e3:.0f} | {medians['ours'] / medians['peft']:.2f} |"
+        f"| {name} | {args.rows} x {seq} | {ours_trainable / 1e6:.2f}M / "
+        f"{theirs_trainable / 1e6:.2f}M | "
+        f"{medians['ours'] * 1e3:.0f} | {medians['peft'] * 1e3:.0f} | "
+        f"{medians['ours'] / medians['peft']:.2f} |"
     )
 
 
@@ -223,7 +225,8 @@ def bench_moe_layer(experts: int, args: argparse.Namespace, workdir: Path) -> No
         {"grouped_mm": run("grouped_mm"), "loop": run("loop")}, args.warmup, args.repeats
     )
     print(
-        f"| {experts} | {args.rows * args.seq} | {medians['grouped_mm'] * 1e3:.1f} | {medians['loop'] * 1e3:.1f} | "
+        f"| {experts} | {args.rows * args.seq} | {medians['grouped_mm'] * 1e3:.1f} | "
+        f"{medians['loop'] * 1e3:.1f} | "
         f"{medians['grouped_mm'] / medians['loop']:.2f} |"
     )
 
@@ -251,22 +254,26 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"{args.threads} threads, fp32, r={RANK}; median of {args.repeats} steps after {args.warmup} warm-up"
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft "
+        f"{peft.__version__}, "
+        f"{args.threads} threads, fp32, r={RANK}; median of {args.repeats} steps after "
+        f"{args.warmup} warm-up"
     )
     initialize_parallel(ParallelConfig())
     try:
         with tempfile.TemporaryDirectory(prefix="lora_speed_") as workdir:
             print("\nLoRA training step (forward, loss, backward, AdamW):\n")
             print(
-                "| model | rows x tokens | trainable ours / peft | ours ms | transformers+peft ms | ratio |"
+                "| model | rows x tokens | trainable ours / peft | ours ms | transformers+peft ms "
+                "| ratio |"
             )
             print("|---|---|---|---|---|---|")
             for name in args.models:
                 bench_training_step(name, args, Path(workdir))
             if args.experts:
                 print(
-                    "\nOne MoE layer with LoRA, forward + backward (top-8, hidden 256, expert width 64):\n"
+                    "\nOne MoE layer with LoRA, forward + backward (top-8, hidden 256, expert "
+                    "width 64):\n"
                 )
                 print("| experts | tokens | grouped ms | loop ms | grouped / loop |")
                 print("|---|---|---|---|---|")

@@ -1,4 +1,5 @@
-"""CPU speed of our Megatron Qwen3.5 (TP=1) against transformers' implementation of the same checkpoint.
+"""CPU speed of our Megatron Qwen3.5 (TP=1) against transformers' implementation of the same
+checkpoint.
 
 For a dense and a MoE model (hidden 512, 8 layers, 3 GDN : 1 gated attention; MoE with 8 experts
 top-2 and a shared expert) it builds a random checkpoint with transformers' own classes,
@@ -19,7 +20,8 @@ than idle cores, one descheduled thread stalls every parallel op.
 
 Run it as a script (it imports its sibling benchmarks/kernel_speed.py):
 
-    python benchmarks/model_speed.py [--threads N] [--seq 1024] [--batch 1] [--repeats 5] [--profile]
+    python benchmarks/model_speed.py [--threads N] [--seq 1024] [--batch 1] [--repeats 5]
+    [--profile]
 """
 
 from __future__ import annotations
@@ -191,7 +193,8 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} "
+        "threads, "
         f"fp32, training mode, backward through all parameters; "
         f"median of {args.repeats} steps after {args.warmup} warm-up steps"
     )

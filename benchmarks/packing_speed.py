@@ -2,8 +2,8 @@
 
 The model is benchmarks/model_speed.py's (hidden 512, 8 layers, 3 GDN : 1 gated attention),
 random weights saved by transformers and loaded with `build_model_from_hf`, LoRA r=16 on every
-target, base frozen, fp32, training mode, one torch thread. Both sides run forward + backward of the next-token
-loss on `--rows` rows of `--seq` tokens: unpacked, one sample filling each row (no
+target, base frozen, fp32, training mode, one torch thread. Both sides run forward + backward of
+the next-token loss on `--rows` rows of `--seq` tokens: unpacked, one sample filling each row (no
 `cu_seqlens`); packed, `--samples` samples of random lengths spread over the same rows, with the
 position ids and `cu_seqlens` of the data pipeline's packing. They alternate step by step so that
 load drift hits both alike. Printed: the median CPU time of the process per step (on a machine
@@ -47,7 +47,7 @@ def packed_batch(
         cuts = (
             torch.randperm(seq - 1, generator=generator)[: count - 1].add(1).sort().values.tolist()
         )
-        lengths = [b - a for a, b in zip([0, *cuts], [*cuts, seq])]
+        lengths = [b - a for a, b in zip([0, *cuts], [*cuts, seq], strict=True)]
         tokenized = [
             TokenizedSample(
                 input_ids=torch.randint(0, vocab, (n,), generator=generator).tolist(),
@@ -112,7 +112,8 @@ def main() -> None:
             statistics.median(t[index] for t in times[key]) * 1e3 for key in (False, True)
         )
         print(
-            f"  {clock:9s}: unpacked (1 sample per row) {unpacked_ms:8.1f} ms   packed ({args.samples} samples) "
+            f"  {clock:9s}: unpacked (1 sample per row) {unpacked_ms:8.1f} ms   packed "
+            f"({args.samples} samples) "
             f"{packed_ms:8.1f} ms   ratio packed/unpacked {packed_ms / unpacked_ms:.3f}"
         )
 

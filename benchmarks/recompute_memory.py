@@ -168,7 +168,8 @@ def main() -> None:
             results[mode]["seconds"] = seconds
     base = results["none"]
     print(
-        f"torch {torch.__version__}, {args.threads} threads, fp32, 8-expert MoE (hidden 512, 8 layers), "
+        f"torch {torch.__version__}, {args.threads} threads, fp32, 8-expert MoE (hidden 512, 8 "
+        "layers), "
         f"LoRA r=16, 1 x {args.tokens} tokens\n"
     )
     print("| recompute | activation MiB | vs none | step CPU ms | vs none |")
@@ -177,7 +178,8 @@ def main() -> None:
         result = results[mode]
         print(
             f"| {mode} | {result['activation_bytes'] / 2**20:.0f} | "
-            f"{result['activation_bytes'] / base['activation_bytes']:.2f} | {result['seconds'] * 1e3:.0f} | "
+            f"{result['activation_bytes'] / base['activation_bytes']:.2f} | "
+            f"{result['seconds'] * 1e3:.0f} | "
             f"{result['seconds'] / base['seconds']:.2f} |"
         )
 

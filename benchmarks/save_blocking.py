@@ -52,7 +52,8 @@ BACKGROUND_SAVE = re.compile(
 
 
 def write_checkpoint(directory: Path, size_bytes: int, shard_bytes: int) -> int:
-    """The base checkpoint with a config.json transformers and lora_trainer load; returns its size."""
+    """The base checkpoint with a config.json transformers and lora_trainer load; returns its
+    size."""
     directory.mkdir(parents=True)
     layers = write_base(directory, model_shapes(size_bytes), shard_bytes)
     config = {
@@ -144,7 +145,8 @@ def main() -> None:
     sync_s, background_s, state_s = float(sync[1]), float(background[1]), float(background[2])
     print(f"save blocks training, synchronous export: {sync_s:.2f} s (run {sync_wall:.0f} s)")
     print(
-        f"save blocks training, background export:  {background_s:.2f} s (run {background_wall:.0f} s), "
+        f"save blocks training, background export:  {background_s:.2f} s (run "
+        f"{background_wall:.0f} s), "
         f"of which the training state {state_s:.2f} s"
     )
     print(

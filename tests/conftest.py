@@ -1,4 +1,5 @@
-"""Shared fixtures: the three small random checkpoints and the fixed batch every parity test uses."""
+"""Shared fixtures: the three small random checkpoints and the fixed batch every parity test
+uses."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def input_ids() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: the tiny forwards are much slower when threads contend for shared cores."""
+    """One intra-op thread: the tiny forwards are much slower when threads contend for shared
+    cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,4 +1,5 @@
-"""What the single rank of tests/test_device_paths.py runs (module level, so spawn can import it)."""
+"""What the single rank of tests/test_device_paths.py runs (module level, so spawn can import
+it)."""
 
 from __future__ import annotations
 

@@ -89,7 +89,8 @@ def make_base(
     max_shard_size: str | None = None,
     shards: int = 1,
 ) -> tuple[Path, HFAdapter]:
-    """Save a base checkpoint of `kind` with extra non-weight files; returns it and an adapter for it.
+    """Save a base checkpoint of `kind` with extra non-weight files; returns it and an adapter for
+    it.
 
     `shards` > 1 re-writes a single-file checkpoint (e.g. packed, with MTP) into that many shards.
     """

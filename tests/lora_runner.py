@@ -71,9 +71,9 @@ def _grads_as_adapter(adapters: list[Any], spec: Any, config: Any) -> Any:
         for b in adapter.lora_B:
             b.data = b.grad.clone()
     grads = gather_hf_adapter(adapters, spec, config, "")
-    for adapter, (a, bs) in zip(adapters, saved):
+    for adapter, (a, bs) in zip(adapters, saved, strict=True):
         adapter.lora_A.data = a
-        for b, value in zip(adapter.lora_B, bs):
+        for b, value in zip(adapter.lora_B, bs, strict=True):
             b.data = value
     return grads
 
@@ -192,7 +192,7 @@ def run_recompute(
                 loaded.model.recompute = mode
                 torch.manual_seed(7)
                 with torch.no_grad():
-                    for param, value in zip(params, start):
+                    for param, value in zip(params, start, strict=True):
                         param.copy_(value)
                 for step in range(3):
                     for param in params:

@@ -141,7 +141,9 @@ def _next_report(
             try:
                 return results.get(timeout=_GRACE_S)
             except queue.Empty:
-                raise MultirankError(f"ranks exited without reporting (rank: exit code) {dead}")
+                raise MultirankError(
+                    f"ranks exited without reporting (rank: exit code) {dead}"
+                ) from None
         if time.monotonic() > deadline:
             missing = sorted(set(range(len(procs))) - set(done))
             raise TimeoutError(f"ranks {missing} did not finish within {timeout} s")

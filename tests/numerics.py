@@ -77,7 +77,8 @@ def assert_differs(got: torch.Tensor, want: torch.Tensor, at_least: float, what:
 
 def to_float64(model: torch.nn.Module) -> torch.nn.Module:
     """A transformers (or PEFT-wrapped) model converted in place to float64, its routed experts on
-    the eager (looped) implementation: transformers' default `grouped_mm` has no float64 CPU kernel."""
+    the eager (looped) implementation: transformers' default `grouped_mm` has no float64 CPU
+    kernel."""
     model.double()
     model.set_experts_implementation("eager")
     return model

@@ -124,7 +124,8 @@ def run_packing(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, list[torch.Tensor]]:
     """Logits (in `dtype`) of each sample run alone, and of the same samples packed into rows of
-    `seq_len` (position ids restarting and `cu_seqlens` boundaries from the data pipeline's packing)."""
+    `seq_len` (position ids restarting and `cu_seqlens` boundaries from the data pipeline's
+    packing)."""
     from lora_trainer.bridge.build import build_model_from_hf
     from lora_trainer.data.packing import build_row, collate
     from lora_trainer.data.tokenize import TokenizedSample
@@ -155,7 +156,7 @@ def run_packing(
         row_of = [0, 0] + [1] * (len(samples) - 2)
         in_pack = [
             packed[row, start : start + len(ids)]
-            for row, start, ids in zip(row_of, starts, samples)
+            for row, start, ids in zip(row_of, starts, samples, strict=True)
         ]
     finally:
         destroy_parallel()

@@ -73,10 +73,12 @@ def test_disk_full_while_writing_shards(tmp_path: Path, monkeypatch: pytest.Monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(ExportError, match="disk full while writing") as info:
-        with atomic_directory(final) as temporary:
-            writer = ShardedCheckpointWriter(temporary)
-            writer.write_shard("model.safetensors", {"a": torch.ones(2)})
+    with (
+        pytest.raises(ExportError, match="disk full while writing") as info,
+        atomic_directory(final) as temporary,
+    ):
+        writer = ShardedCheckpointWriter(temporary)
+        writer.write_shard("model.safetensors", {"a": torch.ones(2)})
     assert "model.safetensors" in str(info.value) and "output_dir" in str(info.value)
     assert _entries(final) == ["old.txt"]
     assert _entries(tmp_path) == ["export"]
@@ -98,9 +100,11 @@ def test_disk_full_at_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_parent_is_a_file(tmp_path: Path) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
-    with pytest.raises(ExportError, match="output_dir") as info:
-        with atomic_directory(blocker / "export"):
-            pytest.fail("the body must not run")
+    with (
+        pytest.raises(ExportError, match="output_dir") as info,
+        atomic_directory(blocker / "export"),
+    ):
+        pytest.fail("the body must not run")
     assert str(blocker) in str(info.value)
 
 
@@ -109,9 +113,11 @@ def test_unwritable_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         raise PermissionError(errno.EACCES, "Permission denied", str(dir))
 
     monkeypatch.setattr(atomic.tempfile, "mkdtemp", denied)
-    with pytest.raises(ExportError, match="writable") as info:
-        with atomic_directory(tmp_path / "export"):
-            pytest.fail("the body must not run")
+    with (
+        pytest.raises(ExportError, match="writable") as info,
+        atomic_directory(tmp_path / "export"),
+    ):
+        pytest.fail("the body must not run")
     assert str(tmp_path) in str(info.value)
 
 
@@ -131,9 +137,11 @@ def test_failed_swap_restores_old_export(tmp_path: Path, monkeypatch: pytest.Mon
         real_rename(source, target)
 
     monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(ExportError, match="renaming the finished export"):
-        with atomic_directory(final) as temporary:
-            (temporary / "new.txt").write_text("new")
+    with (
+        pytest.raises(ExportError, match="renaming the finished export"),
+        atomic_directory(final) as temporary,
+    ):
+        (temporary / "new.txt").write_text("new")
     assert _entries(final) == ["old.txt"]
     assert _entries(tmp_path) == ["export"]
 

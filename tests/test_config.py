@@ -1,4 +1,5 @@
-"""conf/ + Hydra schema, validate_config, the tiny checkpoint builder and train.py's failure path."""
+"""conf/ + Hydra schema, validate_config, the tiny checkpoint builder and train.py's failure
+path."""
 
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def test_default_is_the_embedded_tiny_moe_run() -> None:
 
 
 def test_no_overrides_compose_to_train_config_defaults() -> None:
-    """conf/ holds no second copy of a default: `python train.py` with no overrides is TrainConfig()."""
+    """conf/ holds no second copy of a default: `python train.py` with no overrides is
+    TrainConfig()."""
     composed, default = compose_config(), TrainConfig()
     differences = [
         f"{section.name}.{key.name}: conf {getattr(getattr(composed, section.name), key.name)!r} "
@@ -119,7 +121,8 @@ def test_no_overrides_compose_to_train_config_defaults() -> None:
         != getattr(getattr(default, section.name), key.name)
     ]
     differences += [
-        f"{key.name}: conf {getattr(composed, key.name)!r} != TrainConfig() {getattr(default, key.name)!r}"
+        f"{key.name}: conf {getattr(composed, key.name)!r} != TrainConfig() "
+        f"{getattr(default, key.name)!r}"
         for key in fields(TrainConfig)
         if not hasattr(getattr(default, key.name), "__dataclass_fields__")
         and getattr(composed, key.name) != getattr(default, key.name)
@@ -129,7 +132,8 @@ def test_no_overrides_compose_to_train_config_defaults() -> None:
 
 
 def test_the_demo_layout_belongs_to_the_demo_preset_only() -> None:
-    """Only model=tiny_moe (the default) splits experts over 2 ranks; every other model starts at ep=1, 1 device."""
+    """Only model=tiny_moe (the default) splits experts over 2 ranks; every other model starts at
+    ep=1, 1 device."""
     for overrides in (
         ["model=tiny_dense"],
         *[[f"model={p}", "model.hf_path=/models/q"] for p in PRESETS],
@@ -281,7 +285,7 @@ def test_the_enums_are_the_library_closed_sets() -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_a_model_preset_requires_hf_path(preset: str) -> None:
-    with pytest.raises(ConfigError, match="model.hf_path"):
+    with pytest.raises(ConfigError, match=r"model\.hf_path"):
         compose_config(f"model={preset}")
     config = compose_config(f"model={preset}", "model.hf_path=/models/q")
     assert (config.model.hf_path, config.model.tiny) == ("/models/q", None)
@@ -393,7 +397,7 @@ def test_a_train_config_built_in_python_is_still_checked(
     with pytest.raises(error, match=message.replace(".", r"\.").replace("[", r"\[")):
         validate_config(config)
     config = replace(TrainConfig(), lora=replace(TrainConfig().lora, style="split"))
-    with pytest.raises(LoraConfigError, match="lora.style='split'"):
+    with pytest.raises(LoraConfigError, match=r"lora\.style='split'"):
         config.lora.to_lora_config()
 
 
@@ -419,7 +423,7 @@ def test_expert_parallelism_does_not_constrain_a_dense_model(
 
 def test_hf_path_without_config_json(config_with, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         validate_config(config_with(f"model.hf_path={tmp_path / 'empty'}"))
 
 
@@ -481,7 +485,7 @@ def test_relaunched_rank_detection() -> None:
     assert not is_relaunched_rank({"LOCAL_RANK": "3", "RANK": "3", "GROUP_RANK": "0"})
 
 
-# ---------------------------------------------------------------------------------- tiny checkpoints
+# --------------------------------------------------------------------------------- tiny checkpoints
 
 
 @pytest.mark.parametrize("kind", tiny.TINY_KINDS)

@@ -239,7 +239,7 @@ def test_openai_sharegpt_and_custom_columns_normalize_alike() -> None:
         {"instruction": "1+1=", "output": "2"}, Columns(prompt="instruction", completion="output")
     )
     assert pc == PromptCompletionSample("1+1=", "2")
-    with pytest.raises(ValueError, match="unknown data.columns key"):
+    with pytest.raises(ValueError, match=r"unknown data\.columns key"):
         Columns.from_mapping({"message": "chat"})
 
 
@@ -467,9 +467,9 @@ def test_overlong_and_untrained_samples(tokenizer) -> None:
     assert run(6, "truncate")[1] == Status.UNTRAINED
     with pytest.raises(DataError, match="max_seq_len must be at least 2"):
         TokenizeSettings(1)
-    with pytest.raises(DataError, match="data.overlong='cut' is unknown"):
+    with pytest.raises(DataError, match=r"data\.overlong='cut' is unknown"):
         TokenizeSettings(8, overlong="cut")
-    with pytest.raises(DataError, match="data.train_on='first' is unknown"):
+    with pytest.raises(DataError, match=r"data\.train_on='first' is unknown"):
         TokenizeSettings(8, train_on="first")
 
 

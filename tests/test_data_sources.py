@@ -284,7 +284,8 @@ def test_bad_rows_name_source_row_and_field(tokenizer_dir: Path, tmp_path: Path)
     columns = write_jsonl(tmp_path / "columns.jsonl", [{"instruction": "a", "output": "b"}])
     with pytest.raises(
         DataError,
-        match=r"columns.jsonl:1: is none of the supported formats: .*prompt.*data\.columns.*its columns: instruction, output",
+        match=r"columns.jsonl:1: is none of the supported formats: .*prompt.*data\.columns"
+        r".*its columns: instruction, output",
     ):
         tokenize(columns, tokenizer_dir, tmp_path / "cache")
 
@@ -294,7 +295,8 @@ def test_unknown_missing_and_empty_sources(tokenizer_dir: Path, tmp_path: Path) 
     csv.write_text("a,b\n")
     with pytest.raises(
         DataError,
-        match=r"data\.train_path: .*train\.csv: unknown data format '\.csv'; use a \.jsonl/\.json file, a \.parquet file",
+        match=r"data\.train_path: .*train\.csv: unknown data format '\.csv'; "
+        r"use a \.jsonl/\.json file, a \.parquet file",
     ):
         tokenize(csv, tokenizer_dir, tmp_path / "cache")
     with pytest.raises(DataError, match=r"nope\.jsonl does not exist"):
@@ -334,7 +336,8 @@ def test_overlong_summary_line_truncate_and_error(
     assert max(truncated.samples("data.train_path")["length"]) == 96
     with pytest.raises(
         DataError,
-        match=rf"data\.train_path: 2 of 30 samples .* longer than data\.max_seq_len=96 tokens: {path}:5, {path}:10.*data\.overlong=drop",
+        match=rf"data\.train_path: 2 of 30 samples .* longer than data\.max_seq_len=96 tokens: "
+        rf"{path}:5, {path}:10.*data\.overlong=drop",
     ):
         module(path, tokenizer_dir, tmp_path / "cache", max_seq_len=96, overlong="error").samples(
             "data.train_path"

@@ -51,7 +51,7 @@ def test_lora_init_does_not_sync_per_element(device_checks: dict[str, Any]) -> N
 
 def test_bf16_model_keeps_fp32_rope_angles_at_32k_positions(device_checks: dict[str, Any]) -> None:
     assert device_checks["bf16_param_dtypes"] == {torch.bfloat16}
-    for fp32, bf16 in zip(device_checks["fp32_rotary"], device_checks["bf16_rotary"]):
+    for fp32, bf16 in zip(device_checks["fp32_rotary"], device_checks["bf16_rotary"], strict=True):
         assert bf16.dtype == torch.float32
         assert torch.equal(bf16, fp32)
 

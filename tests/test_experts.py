@@ -60,9 +60,9 @@ def test_grouped_matmul_equals_the_loop_with_padding_and_empty_experts(
     for backend in ("grouped_mm", "loop"):
         out = _GroupedLinear.apply(x, weight, offs, backend)
         results.append((out, *torch.autograd.grad(out, (x, weight), grad)))
-    for grouped, loop in zip(*results):
+    for grouped, loop in zip(*results, strict=True):
         assert torch.equal(grouped, loop)
-    reference = torch.cat([x_g @ w.T for x_g, w in zip(x.split(counts), weight)])
+    reference = torch.cat([x_g @ w.T for x_g, w in zip(x.split(counts), weight, strict=True)])
     assert _max_diff(results[0][0], reference) <= (1e-5 if dtype == torch.float32 else 1e-2)
     assert results[1][2][1].abs().sum() == 0  # the expert without tokens gets no gradient
 

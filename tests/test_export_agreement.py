@@ -54,6 +54,6 @@ def test_every_rank_stops_and_one_reports_the_cause() -> None:
 
 def test_one_process_raises_its_own_error() -> None:
     raise_on_every_rank(None)
-    with pytest.raises(ExportError, match="^ValueError: bad shape$") as raised:
+    with pytest.raises(ExportError, match=r"^ValueError: bad shape$") as raised:
         raise_on_every_rank(ValueError("bad shape"))
     assert not isinstance(raised.value, PeerExportError)

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def exported(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, Path, HFAdapter, dict[str, Any]]:
-    """A packed MoE-VL base with MTP, exported with the check (float64 forward, see check_export)."""
+    """A packed MoE-VL base with MTP, exported with the check (float64 forward, see
+    check_export)."""
     root = tmp_path_factory.mktemp("check")
     base_dir, adapter = make_base(KIND_MOE_VL, root / "base", packed_experts=True, with_mtp=True)
     manifest = export_hf(

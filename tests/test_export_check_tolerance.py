@@ -2,9 +2,10 @@
 fp16 bases, full and layer mode) and every wrongly laid-out one fails, by a wide margin.
 
 Each wrong export is the correct one with one bug of the kind an exporter can have: in the adapter
-file (expert-major lora_B columns, one expert's A or B laid out transposed, GDN in_proj_b / in_proj_a
-swapped) or in the merged weights (gate and up rows of the routed and shared experts swapped, the
-q and k blocks of GDN in_proj_qkv swapped, one expert's delta missing). The margin is measured as
+file (expert-major lora_B columns, one expert's A or B laid out transposed, GDN in_proj_b /
+in_proj_a swapped) or in the merged weights (gate and up rows of the routed and shared experts
+swapped, the q and k blocks of GDN in_proj_qkv swapped, one expert's delta missing). The margin is
+measured as
 `worst`: the largest difference / tolerance over all module kinds (<= 1 passes).
 """
 

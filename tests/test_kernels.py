@@ -34,8 +34,8 @@ def gdr_inputs(
     seed: int = 0,
     gate_shift: float = 2.0,
 ) -> list[torch.Tensor]:
-    """Leaf tensors q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], g (log decay < 0), beta in (0, 1) [B, T, Hv].
-    A lower `gate_shift` gives a stronger decay."""
+    """Leaf tensors q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], g (log decay < 0), beta in (0, 1) [B, T,
+    Hv]. A lower `gate_shift` gives a stronger decay."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, seq_len, key_heads, key_dim, generator=gen)
     k = torch.randn(batch, seq_len, key_heads, key_dim, generator=gen)
@@ -69,9 +69,11 @@ def assert_matches_within_floor(
 ) -> None:
     """Our outputs, and their gradients with respect to `inputs`, against the fp32 `reference`,
     within a few times the larger of the two sides' noise floors: the reference's distance from
-    `exact` and ours from `ours_fp64` (the same computations on the float64 `exact_inputs`; our gated
-    delta rule computes in fp32 whatever the input dtype, so its side adds nothing there)."""
-    for i, (got, got64, want, truth) in enumerate(zip(ours, ours_fp64, reference, exact)):
+    `exact` and ours from `ours_fp64` (the same computations on the float64 `exact_inputs`; our
+    gated delta rule computes in fp32 whatever the input dtype, so its side adds nothing there)."""
+    for i, (got, got64, want, truth) in enumerate(
+        zip(ours, ours_fp64, reference, exact, strict=True)
+    ):
         floor = max(noise_floor(want, truth), noise_floor(got, got64.double()))
         assert_within_floor(got, want, floor, f"output {i}")
     grads = zip(
@@ -79,6 +81,7 @@ def assert_matches_within_floor(
         grads_of(ours_fp64, exact_inputs),
         grads_of(reference, inputs),
         grads_of(exact, exact_inputs),
+        strict=True,
     )
     for i, (got, got64, want, truth) in enumerate(grads):
         floor = max(noise_floor(want, truth), noise_floor(got, got64.double()))
@@ -254,7 +257,9 @@ def per_sample_gated_delta_rule(
     q, k, v, g, beta = inputs[:5]
     initial_state = inputs[5] if len(inputs) > 5 else None
     pieces, finals = [], []
-    for i, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+    for i, (start, end) in enumerate(
+        zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True)
+    ):
         state = None if initial_state is None else initial_state[i : i + 1]
         if start == end:
             finals.append(
@@ -287,7 +292,7 @@ def test_gated_delta_rule_packed_without_states_equals_per_sample(gate_shift):
     # every CPU capability, against 3e-7 for the samples run alone).
     assert_close(out, expected[0], PACKED_CHUNKS_BOUND, "output")
     for i, (ours, theirs) in enumerate(
-        zip(grads_of([out], inputs), grads_of([expected[0]], inputs))
+        zip(grads_of([out], inputs), grads_of([expected[0]], inputs), strict=True)
     ):
         assert_close(ours, theirs, PACKED_CHUNKS_BOUND, f"gradient of input {i}")
 
@@ -341,7 +346,12 @@ def test_fla_backend_gets_heads_expanded_and_fla_keywords(monkeypatch):
     exact = per_sample_gated_delta_rule(recurrent_gated_delta_rule, exact_inputs, cu_seqlens)
     ours_fp64 = gdr._fla_chunk_gated_delta_rule(*exact_inputs, None, True, cu_seqlens, True)
     pairs = zip(
-        ("output", "final state"), (out, state), ours_fp64, (expected, expected_state), exact
+        ("output", "final state"),
+        (out, state),
+        ours_fp64,
+        (expected, expected_state),
+        exact,
+        strict=True,
     )
     for name, got, got64, want, truth in pairs:
         assert_within_floor(
@@ -381,7 +391,11 @@ def test_causal_conv1d_packed_equals_per_sample():
     x = torch.randn(1, 12, sum(lengths), generator=gen, requires_grad=True)
     weight = torch.randn(12, 4, generator=gen, requires_grad=True)
     out = causal_conv1d(x, weight, cu_seqlens=cu_seqlens)
-    bounds = [(s, e) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()) if e > s]
+    bounds = [
+        (s, e)
+        for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True)
+        if e > s
+    ]
     exact_x, exact_weight = float64_leaves([x, weight])
     expected = torch.cat([hf_conv(x[..., s:e], weight, "silu") for s, e in bounds], dim=-1)
     exact = torch.cat([hf_conv(exact_x[..., s:e], exact_weight, "silu") for s, e in bounds], dim=-1)
@@ -432,7 +446,7 @@ def test_causal_attention_packed_equals_per_sample():
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     q, k, v = attention_inputs(1, sum(lengths), seed=9)
     out = causal_attention(q, k, v, scale=0.25, cu_seqlens=cu_seqlens)
-    bounds = list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
+    bounds = list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True))
     exact_inputs = float64_leaves([q, k, v])
 
     def per_sample(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

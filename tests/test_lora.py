@@ -133,7 +133,8 @@ def test_parallel_layout_matches_single_rank_and_peft(
         str(parts),
     )[0]
     for kind in kinds:
-        # each rank wrote only its own factors: the same files as the gathered adapter exported on one rank
+        # each rank wrote only its own factors: the same files as the gathered adapter exported on
+        # one rank
         export_hf(
             results[kind]["adapter"],
             Path(checkpoints[kind]),
@@ -189,5 +190,5 @@ def test_dropout_on_routed_experts_is_refused_but_allowed_on_dense() -> None:
 def test_unknown_target_and_bad_rank_are_refused() -> None:
     with pytest.raises(LoraConfigError, match="q_proj"):
         LoraConfig(targets=("q_proj",))
-    with pytest.raises(LoraConfigError, match="lora.r"):
+    with pytest.raises(LoraConfigError, match=r"lora\.r"):
         LoraConfig(r=0)

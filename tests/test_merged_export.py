@@ -147,8 +147,8 @@ def test_adapted_tensors_merged_others_identical(case: str, bases: dict, tmp_pat
 
 
 def test_layouts_and_dtypes_kept(bases: dict, tmp_path: Path) -> None:
-    """A per-expert base stays per-expert, a packed one packed with its MTP tensors, bf16 stays bf16,
-    and the sharded cases really have several shards."""
+    """A per-expert base stays per-expert, a packed one packed with its MTP tensors, bf16 stays
+    bf16, and the sharded cases really have several shards."""
     per_expert_dir, per_expert_adapter = bases["moe_per_expert_sharded"]
     export_merged(per_expert_adapter, per_expert_dir, tmp_path / "per_expert")
     names = set(read_all(tmp_path / "per_expert"))
@@ -173,8 +173,8 @@ def test_merged_logits_match_peft_adapter(case: str, bases: dict, tmp_path: Path
     """Both sides in float64 (the merged checkpoint's fp32 weights): the fixture amplifies rounding,
     so merged vs unmerged differ by up to ~2e-4 in an fp32 forward from the forward's own rounding.
     In float64 what is left is the fp32 rounding of the stored merged weights, of the order of the
-    merged model's own fp32-vs-float64 difference (the bound's scale); a wrong merge moves the logits
-    by O(1)."""
+    merged model's own fp32-vs-float64 difference (the bound's scale); a wrong merge moves the
+    logits by O(1)."""
     base_dir, adapter = bases[case]
     export_merged(adapter, base_dir, tmp_path / "merged")
     (tmp_path / "adapter").mkdir()
@@ -271,7 +271,7 @@ def test_unwritable_export_directory(bases: dict, tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(ExportError, match="is not a directory"):
         export_hf(adapter, base_dir, blocker / "checkpoint", step=1, progress=False)
-    with pytest.raises(ExportError, match="(?i)not a directory"):
+    with pytest.raises(ExportError, match=r"(?i)not a directory"):
         export_hf(
             adapter, base_dir, blocker / "checkpoint", step=1, write_merged=False, progress=False
         )

@@ -135,7 +135,7 @@ def test_multirank_reraises_and_stops_the_others() -> None:
 
 
 def test_multirank_times_out() -> None:
-    with pytest.raises(TimeoutError, match="did not finish within 1.0 s"):
+    with pytest.raises(TimeoutError, match=r"did not finish within 1\.0 s"):
         run_multirank(_rank_one_fails, 1, timeout=1.0)
 
 
@@ -174,14 +174,15 @@ def test_validate_accepts_and_sizes() -> None:
 
 def test_cpu_compat_refuses_other_megatron_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(package_info, "MINOR", 17)
-    with pytest.raises(RuntimeError, match="supports megatron-core 0.16.x only"):
+    with pytest.raises(RuntimeError, match=r"supports megatron-core 0\.16\.x only"):
         cpu_compat.check_megatron_version()
 
 
 def test_cpu_compat_with_cuda_applies_only_the_patch_for_absent_transformer_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """On a GPU without TransformerEngine every MoE forward would raise NameError: te_general_gemm."""
+    """On a GPU without TransformerEngine every MoE forward would raise NameError:
+    te_general_gemm."""
     from megatron.core.transformer.moe import moe_utils
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

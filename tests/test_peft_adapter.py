@@ -49,11 +49,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def build_model(kind: str) -> torch.nn.Module:
     """The tiny model of `kind` in float64, routed experts on the eager (looped) implementation.
 
-    Parity runs in float64 because the fixture amplifies rounding: PEFT's unmerged x @ W + (x @ A) @ B
-    against the merged x @ (W + dW) differs by up to ~4e-4 in fp32 even with the right layout. In
-    float64 (transformers still runs its norms and the gated delta rule in fp32) both sides agree far
-    below the merged reference's own fp32-vs-float64 difference (`reference_floor`), the scale of the
-    bound, while a wrong layout moves the logits by O(1). The adapter files stay fp32.
+    Parity runs in float64 because the fixture amplifies rounding: PEFT's unmerged x @ W + (x @ A)
+    @ B against the merged x @ (W + dW) differs by up to ~4e-4 in fp32 even with the right layout.
+    In float64 (transformers still runs its norms and the gated delta rule in fp32) both sides
+    agree far below the merged reference's own fp32-vs-float64 difference (`reference_floor`), the
+    scale of the bound, while a wrong layout moves the logits by O(1). The adapter files stay fp32.
     """
     return to_float64(build_hf_model(kind))
 
@@ -111,7 +111,8 @@ def _random_b(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tenso
 def merged_reference(
     model: torch.nn.Module, adapter: HFAdapter, *, with_experts: bool = True
 ) -> torch.nn.Module:
-    """A copy of `model` with W + scale * b @ a (computed in float64) folded into every adapted HF weight."""
+    """A copy of `model` with W + scale * b @ a (computed in float64) folded into every adapted HF
+    weight."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for path, weights in adapter.linears.items():
@@ -142,7 +143,8 @@ def load_peft(base: torch.nn.Module, directory: Path) -> PeftModel:
 
 
 def assert_fully_consumed(peft_model: PeftModel, directory: Path) -> None:
-    """No missing or unexpected key on load, and every file tensor is in the model with its value."""
+    """No missing or unexpected key on load, and every file tensor is in the model with its
+    value."""
     result = peft_model.load_adapter(directory, adapter_name="check")
     assert result.missing_keys == [] and result.unexpected_keys == []
     in_file = load_file(str(directory / WEIGHTS_FILE))
@@ -153,7 +155,8 @@ def assert_fully_consumed(peft_model: PeftModel, directory: Path) -> None:
 
 
 def reference_floor(reference: torch.nn.Module) -> float:
-    """The noise floor of the (float64) merged reference: its fp32 logits against its float64 ones."""
+    """The noise floor of the (float64) merged reference: its fp32 logits against its float64
+    ones."""
     return noise_floor(logits(copy.deepcopy(reference).float()), logits(reference))
 
 
@@ -181,7 +184,8 @@ def test_peft_profile_loads_and_matches_merged_reference(kind: str, tmp_path: Pa
 
 @pytest.mark.parametrize("projections", [("gate_up_proj",), ("down_proj",)])
 def test_single_expert_projection_with_rslora(projections: tuple[str, ...], tmp_path: Path) -> None:
-    """With one packed projection targeted there is one wrapper, whichever it is (no `base_layer.`)."""
+    """With one packed projection targeted there is one wrapper, whichever it is (no
+    `base_layer.`)."""
     base = build_model(KIND_MOE_VL)
     adapter = random_adapter(base, KIND_MOE_VL, use_rslora=True, projections=projections)
     assert adapter.scale == ALPHA / math.sqrt(RANK)
@@ -209,8 +213,8 @@ def test_single_expert_projection_with_rslora(projections: tuple[str, ...], tmp_
 )
 def test_expert_keys_match_peft_nesting(target_parameters: list[str], tmp_path: Path) -> None:
     """PEFT nests the wrappers in the experts module's parameter order, whatever the config order:
-    down_proj outer (`experts.lora_*`), gate_up_proj inner (`experts.base_layer.lora_*`); the writer's
-    keys and shapes equal those PEFT itself saves."""
+    down_proj outer (`experts.lora_*`), gate_up_proj inner (`experts.base_layer.lora_*`); the
+    writer's keys and shapes equal those PEFT itself saves."""
     base = build_hf_model(KIND_MOE)
     adapter = random_adapter(base, KIND_MOE)
     write_peft_adapter(adapter, tmp_path)
@@ -299,9 +303,9 @@ def test_per_expert_profile(kind: str, tmp_path: Path) -> None:
 
     Measured with peft 0.21.2: PEFT does not apply them to Qwen3.5-MoE and says nothing (no warning
     from `from_pretrained`). On the ConditionalGeneration class they come back verbatim as
-    unexpected keys; on the text-only ForCausalLM class PEFT's transformers-v5 conversion first packs
-    them into `experts.lora_*` keys, which are then unexpected because no parameter is targeted.
-    Either way the logits equal the base with only the linear adapters folded in.
+    unexpected keys; on the text-only ForCausalLM class PEFT's transformers-v5 conversion first
+    packs them into `experts.lora_*` keys, which are then unexpected because no parameter is
+    targeted. Either way the logits equal the base with only the linear adapters folded in.
     """
     base = build_model(kind)
     adapter = random_adapter(base, kind)

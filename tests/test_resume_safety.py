@@ -161,7 +161,7 @@ def test_final_message_lists_only_what_was_exported(
     )
 
 
-# ------------------------------------------------------------------ what resume accepts, before launch
+# --------------------------------------------------------------- what resume accepts, before launch
 
 
 @pytest.fixture
@@ -360,6 +360,6 @@ def test_a_rank_failing_after_launch_ends_every_rank_with_one_error_line(
     assert [rank.returncode for rank in ranks] == [2, 2], text
     (line,) = [line for line in text.splitlines() if line.strip()]
     assert (
-        line
-        == f"error: rank {1 if mode == 'one' else line[12]}: step-2/training_state/rank-00001.pt cannot be read; resume from another save"
+        line == f"error: rank {1 if mode == 'one' else line[12]}: "
+        "step-2/training_state/rank-00001.pt cannot be read; resume from another save"
     )

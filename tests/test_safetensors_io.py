@@ -175,7 +175,7 @@ def test_real_transformers_sharded_checkpoint(tmp_path: Path) -> None:
 
 def test_error_no_safetensors(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="no model.safetensors") as info:
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors") as info:
         CheckpointReader(tmp_path)
     assert str(tmp_path) in str(info.value) and "pytorch_model.bin" in str(info.value)
 
@@ -217,9 +217,11 @@ def test_error_corrupt_shard_names_the_file(tmp_path: Path, damage: str) -> None
     shard.write_bytes(damaged[damage])
     weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
     name = next(n for n, f in weight_map.items() if f == SHARD_2)
-    with CheckpointReader(path) as reader:
-        with pytest.raises(CheckpointError, match="not a valid safetensors file") as info:
-            reader.read(name)
+    with (
+        CheckpointReader(path) as reader,
+        pytest.raises(CheckpointError, match="not a valid safetensors file") as info,
+    ):
+        reader.read(name)
     assert SHARD_2 in str(info.value)
 
 
@@ -250,9 +252,11 @@ def test_error_index_points_to_wrong_shard(tmp_path: Path) -> None:
     index = json.loads((path / INDEX_FILE).read_text())
     index["weight_map"]["ghost"] = SHARD_1
     (path / INDEX_FILE).write_text(json.dumps(index))
-    with CheckpointReader(path) as reader:
-        with pytest.raises(CheckpointError, match="does not contain") as info:
-            reader.read("ghost")
+    with (
+        CheckpointReader(path) as reader,
+        pytest.raises(CheckpointError, match="does not contain") as info,
+    ):
+        reader.read("ghost")
     assert SHARD_1 in str(info.value)
 
 

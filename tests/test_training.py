@@ -164,9 +164,10 @@ def test_packed_samples_give_the_logits_of_each_sample_alone(
     result = run_multirank(run_packing, 1, {}, checkpoints[kind], samples, 32)[0]
     exact = run_multirank(run_packing, 1, {}, checkpoints[kind], samples, 32, torch.float64)[0]
     floor = max(
-        noise_floor(alone, alone_fp64) for alone, alone_fp64 in zip(result["alone"], exact["alone"])
+        noise_floor(alone, alone_fp64)
+        for alone, alone_fp64 in zip(result["alone"], exact["alone"], strict=True)
     )
-    for i, (alone, packed) in enumerate(zip(result["alone"], result["packed"])):
+    for i, (alone, packed) in enumerate(zip(result["alone"], result["packed"], strict=True)):
         assert_within_floor(packed, alone, floor, f"{kind}: sample {i} packed vs alone")
 
 

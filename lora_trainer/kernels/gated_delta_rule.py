@@ -180,7 +180,7 @@ class _ChunkLayout:
         chunk_counts = (lengths + CHUNK_SIZE - 1) // CHUNK_SIZE
         chunk_ends = chunk_counts.cumsum(0).tolist()
         self.num_chunks = chunk_ends[-1]
-        self.segments = list(zip([0, *chunk_ends[:-1]], chunk_ends))
+        self.segments = list(zip([0, *chunk_ends[:-1]], chunk_ends, strict=True))
         first_slots = (chunk_counts.cumsum(0) - chunk_counts) * CHUNK_SIZE
         self.slots = torch.arange(seq_len, device=cu_seqlens.device) + torch.repeat_interleave(
             first_slots - cu_seqlens[:-1], lengths, output_size=seq_len

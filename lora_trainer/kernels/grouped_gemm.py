@@ -85,7 +85,7 @@ def _counts(offs: Tensor) -> list[int]:
 
 
 def _forward_loop(x: Tensor, weight: Tensor, counts: list[int]) -> Tensor:
-    return torch.cat([F.linear(x_g, w_g) for x_g, w_g in zip(x.split(counts), weight)])
+    return torch.cat([F.linear(x_g, w_g) for x_g, w_g in zip(x.split(counts), weight, strict=True)])
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -113,7 +113,7 @@ class _GroupedLinear(torch.autograd.Function):
             grad_x = _forward_loop(grad, weight.transpose(-2, -1), counts)
         if ctx.needs_input_grad[1]:
             grad_w = torch.stack(
-                [g.t() @ x_g for g, x_g in zip(grad.split(counts), x.split(counts))]
+                [g.t() @ x_g for g, x_g in zip(grad.split(counts), x.split(counts), strict=True)]
             )
         return grad_x, grad_w, None, None
 

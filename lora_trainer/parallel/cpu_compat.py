@@ -337,7 +337,7 @@ def gather_uneven_first_dim(
     padded[: input_.shape[0]] = input_
     pieces = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(pieces, padded.contiguous(), group=group)
-    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)], dim=0)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)], dim=0)
 
 
 def patch_uneven_all_gather() -> None:

@@ -231,7 +231,7 @@ class LoraTrainingModule(pl.LightningModule):
         rate the saved run's schedule set, which differs when trainer.max_steps changed."""
         scheduler = self.scheduler
         for group, base, factor in zip(
-            scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+            scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
         ):
             group["lr"] = base * factor(scheduler.last_epoch)
 
