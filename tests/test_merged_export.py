@@ -71,7 +71,8 @@ def read_all(directory: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle})
+            names = handle.keys()  # a safe_open handle is not iterable
+            tensors.update({name: handle.get_tensor(name) for name in names})
     return tensors
 
 

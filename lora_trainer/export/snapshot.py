@@ -146,7 +146,8 @@ class SnapshotReader:
         for path in self.files:
             shapes: dict[tuple[str, int | None], dict[str, tuple[int, ...]]] = defaultdict(dict)
             with safe_open(str(path), framework="pt") as handle:
-                for key in handle:
+                keys = handle.keys()  # a safe_open handle is not iterable
+                for key in keys:
                     module, expert, factor = _parse(key)
                     shapes[(module, expert)][factor] = tuple(handle.get_slice(key).get_shape())
             for entry, factor_shapes in shapes.items():
