@@ -26,4 +26,5 @@ class ConfigError(LoraTrainerError):
 
 
 class PeerExportError(ExportError):
-    """This rank's export step stopped because another rank's failed; that rank reports the cause."""
+    """This rank's export step stopped because another rank's failed; that rank reports the
+    cause."""

@@ -31,7 +31,8 @@ def _causal_conv1d_available() -> bool:
 def causal_conv1d(
     x: Tensor, weight: Tensor, *, activation: str | None = "silu", cu_seqlens: Tensor | None = None
 ) -> Tensor:
-    """Left-padded depthwise convolution, no bias: out[:, c, t] = sum_j weight[c, j] * x[:, c, t - K + 1 + j].
+    """Left-padded depthwise convolution, no bias:
+    out[:, c, t] = sum_j weight[c, j] * x[:, c, t - K + 1 + j].
 
     x: [B, C, T]; weight: [C, K]; activation: "silu" or None. `cu_seqlens` (int64 [S + 1],
     needs B == 1) packs samples along T: the window of a token never reaches into the sample

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -133,9 +134,12 @@ def _torch_chunk_gated_delta_rule(
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * q.shape[-1] ** -0.5
-    continuous = cu_seqlens is not None and initial_state is None and not output_final_state
-    layout = _ChunkLayout(q.shape[1], None if continuous else cu_seqlens)
-    packing = _ChunkSegments(cu_seqlens, q.shape[1], layout.num_chunks) if continuous else None
+    # Packed samples with no state in or out run as one continuous sequence (`_ChunkSegments`).
+    continuous = None if initial_state is not None or output_final_state else cu_seqlens
+    layout = _ChunkLayout(q.shape[1], cu_seqlens if continuous is None else None)
+    packing = (
+        None if continuous is None else _ChunkSegments(continuous, q.shape[1], layout.num_chunks)
+    )
     out, final_state = _chunk_scan(
         layout.chunk(q),
         layout.chunk(k),
@@ -332,7 +336,7 @@ class _DecayedGrams(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         key_gram: Tensor,
         query_gram: Tensor,
         cum_decay: Tensor,
@@ -340,7 +344,8 @@ class _DecayedGrams(torch.autograd.Function):
         blocked: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """key_gram, query_gram: [N, B, Hk, C, C]; cum_decay, beta: [N, B, Hv, C]; blocked: bool,
-        broadcastable to [N, B, Hv, C, C]. Returns ut_system and intra_attn, both [N, B, Hv, C, C]."""
+        broadcastable to [N, B, Hv, C, C]. Returns ut_system and intra_attn, both
+        [N, B, Hv, C, C]."""
         num_chunks, batch, key_heads, chunk, _ = key_gram.shape
         grouped = (num_chunks, batch, key_heads, -1, chunk)
         pair_decay = _pairwise_decay(cum_decay, blocked).view(*grouped, chunk)
@@ -352,7 +357,7 @@ class _DecayedGrams(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(
-        ctx: torch.autograd.function.FunctionCtx, d_ut_system: Tensor, d_intra_attn: Tensor
+        ctx: Any, d_ut_system: Tensor, d_intra_attn: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
         key_gram, beta, pair_decay, ut_system, intra_attn = ctx.saved_tensors
         d_ut_system, d_intra_attn = d_ut_system.view_as(ut_system), d_intra_attn.view_as(intra_attn)
@@ -386,7 +391,7 @@ class _StateScan(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         new_values: Tensor,
         k_cumdecay: Tensor,
         key: Tensor,
@@ -426,7 +431,7 @@ class _StateScan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         d_states: Tensor,
         d_corrected: Tensor,
         d_finals: Tensor,
@@ -443,9 +448,12 @@ class _StateScan(torch.autograd.Function):
                 d_initial[segment] = d_finals[segment]
             for i in range(end - 1, first - 1, -1):
                 torch.baddbmm(d_corrected[i], key[i], d_next[i], out=d_values[i])
-                if i == first and d_initial is None:
+                if i > first:
+                    d_state = d_next[i - 1]
+                elif d_initial is not None:
+                    d_state = d_initial[segment]
+                else:
                     break
-                d_state = d_next[i - 1] if i > first else d_initial[segment]
                 torch.addcmul(d_states[i], d_next[i], decay[i], out=d_state)
                 d_state.baddbmm_(k_cumdecay[i].mT, d_values[i], alpha=-1)
         d_k_cumdecay = (d_values @ states.mT).neg_()

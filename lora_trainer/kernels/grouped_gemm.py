@@ -90,7 +90,7 @@ def _forward_loop(x: Tensor, weight: Tensor, counts: list[int]) -> Tensor:
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, offs: Tensor, backend: Backend) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, offs: Tensor, backend: Backend) -> Tensor:
         ctx.save_for_backward(x, weight, offs)
         ctx.backend = backend
         if backend == "grouped_mm":
@@ -98,7 +98,7 @@ class _GroupedLinear(torch.autograd.Function):
         return _forward_loop(x, weight, _counts(offs))
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, weight, offs = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = grad_w = None

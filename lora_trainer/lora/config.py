@@ -8,6 +8,10 @@ from typing import Literal
 
 from lora_trainer.errors import LoraTrainerError
 
+_ROUTER = (
+    "a LoRA on the MoE router (HF `mlp.gate`) cannot be loaded by PEFT (unsupported module type)"
+)
+
 LoraStyle = Literal["fused", "canonical"]
 ALL_TARGETS: tuple[str, ...] = (
     "linear_qkv",
@@ -18,8 +22,8 @@ ALL_TARGETS: tuple[str, ...] = (
     "linear_fc2",
 )
 UNEXPRESSIBLE_TARGETS = {
-    "router": "a LoRA on the MoE router (HF `mlp.gate`) cannot be loaded by PEFT (unsupported module type)",
-    "gate": "a LoRA on the MoE router (HF `mlp.gate`) cannot be loaded by PEFT (unsupported module type)",
+    "router": _ROUTER,
+    "gate": _ROUTER,
 }
 
 
@@ -61,7 +65,8 @@ class LoraConfig:
                 )
             if target not in ALL_TARGETS:
                 raise LoraConfigError(
-                    f"lora.targets contains unknown {target!r}; choose from {', '.join(ALL_TARGETS)}"
+                    f"lora.targets contains unknown {target!r}; choose from "
+                    f"{', '.join(ALL_TARGETS)}"
                 )
         if not self.targets:
             raise LoraConfigError(
@@ -73,11 +78,13 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def check_model(self, is_moe: bool) -> None:
-        """Settings that depend on the model: PEFT's expert LoRA (`target_parameters`) has no dropout."""
+        """Settings that depend on the model: PEFT's expert LoRA (`target_parameters`) has no
+        dropout."""
         touches_experts = is_moe and bool({"linear_fc1", "linear_fc2"} & set(self.targets))
         if touches_experts and self.dropout > 0:
             raise LoraConfigError(
-                f"lora.dropout={self.dropout} on routed experts cannot be expressed in PEFT's expert "
+                f"lora.dropout={self.dropout} on routed experts cannot be expressed in PEFT's "
+                "expert "
                 "format (target_parameters has no dropout); set lora.dropout=0 or drop "
                 "linear_fc1/linear_fc2 from lora.targets"
             )

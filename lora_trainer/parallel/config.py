@@ -1,4 +1,5 @@
-"""`ParallelConfig`: how the world of ranks is split into tensor, pipeline, expert and data parallel."""
+"""`ParallelConfig`: how the world of ranks is split into tensor, pipeline, expert and data
+parallel."""
 
 from __future__ import annotations
 

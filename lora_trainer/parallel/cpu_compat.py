@@ -141,7 +141,8 @@ def patch_current_device() -> None:
     transformer/moe/router.py:90, pipeline_parallel/p2p_communication.py:313 and the
     tensor_parallel/mappings.py gathers and all-to-alls (:141, :181, :442).
     """
-    torch.cuda.current_device = _cpu_current_device
+    # megatron uses the result only as a device: the CPU device stands in for a CUDA index.
+    torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]
 
 
 # P3 --------------------------------------------------------------------------------------------
@@ -231,7 +232,8 @@ def patch_alltoall_streams() -> None:
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = HOST_STREAM
-    torch.cuda.current_stream = _host_current_stream
+    # The host stream has the methods megatron calls on a stream (see HostStream).
+    torch.cuda.current_stream = _host_current_stream  # type: ignore[assignment]
 
 
 # P4b -------------------------------------------------------------------------------------------

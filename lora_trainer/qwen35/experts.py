@@ -1,4 +1,5 @@
-"""The routed experts of one MoE layer as grouped GEMMs (the `experts` module of megatron's MoELayer).
+"""The routed experts of one MoE layer as grouped GEMMs (the `experts` module of megatron's
+MoELayer).
 
 megatron's token dispatcher hands over this rank's tokens already sorted by local expert, with the
 count per expert; the row offsets are computed once per layer and shared by every grouped GEMM
@@ -25,7 +26,8 @@ from lora_trainer.kernels.grouped_gemm import grouped_backend, grouped_linear
 
 class GroupedLinear(nn.Module):
     """One projection of every local expert: [T, in] -> [T, out] with rows grouped by expert.
-    `kind` says how expert tensor parallelism splits it: `column` on the output, `row` on the input."""
+    `kind` says how expert tensor parallelism splits it: `column` on the output, `row` on the
+    input."""
 
     def __init__(
         self,

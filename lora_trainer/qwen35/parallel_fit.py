@@ -54,7 +54,8 @@ def check_parallel_fits(spec: Qwen35Spec, parallel: ParallelConfig) -> None:
         )
         if parallel.ep > 1:
             raise ParallelConfigError(
-                f"parallel.ep={parallel.ep} but the model {spec.model_type!r} is dense (no experts); set parallel.ep=1"
+                f"parallel.ep={parallel.ep} but the model {spec.model_type!r} is dense (no "
+                "experts); set parallel.ep=1"
             )
     if spec.is_moe and parallel.tp > 1 and not parallel.sp:
         raise ParallelConfigError(

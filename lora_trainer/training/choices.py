@@ -29,7 +29,8 @@ class ModelDtype(StrEnum):
 
 
 class LoraStyle(StrEnum):
-    """`lora.style`: fused (one adapter per fused Megatron weight) or canonical (one per HF projection)."""
+    """`lora.style`: fused (one adapter per fused Megatron weight) or canonical (one per HF
+    projection)."""
 
     fused = "fused"
     canonical = "canonical"

@@ -2,9 +2,9 @@
 
 Before launch the process prints `error: ...` and exits (2 for bad input). Once ranks run, the
 first rank to fail claims the marker file `OUT/.lora_trainer.failed` (created whole, with the exit
-code, or not at all), prints its line and exits at once; a rank that fails because another one is gone
-(a collective to a dead peer) waits a few seconds for that marker and exits with its code without
-a word, so several ranks hitting the same error still print one line. Exit codes: 2 for a
+code, or not at all), prints its line and exits at once; a rank that fails because another one is
+gone (a collective to a dead peer) waits a few seconds for that marker and exits with its code
+without a word, so several ranks hitting the same error still print one line. Exit codes: 2 for a
 `LoraTrainerError` (bad input, unusable files), 1 for anything else. `HYDRA_FULL_ERROR=1` adds
 the traceback.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimSection) -> torch.opti
     )
 
 
-def warmup_cosine(cfg: OptimSection, max_steps: int) -> callable[[int], float]:
+def warmup_cosine(cfg: OptimSection, max_steps: int) -> Callable[[int], float]:
     """Multiplier of `cfg.lr` at a step: linear warmup, then cosine down to `cfg.min_lr`."""
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
 

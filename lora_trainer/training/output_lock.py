@@ -103,7 +103,8 @@ class OutputDirLock:
                     continue
                 if not holder or self._stale(holder):
                     log.warning(
-                        "output_dir=%s: taking over the lock %s of a run that is no longer running (%s)",
+                        "output_dir=%s: taking over the lock %s of a run that is no longer running "
+                        "(%s)",
                         self.path.parent,
                         self.path,
                         _describe(holder) if holder else "unreadable lock file",
@@ -114,7 +115,8 @@ class OutputDirLock:
                     temporary = self._write_temporary()
                     continue
                 raise ConfigError(
-                    f"output_dir={self.path.parent} is in use by a running training ({_describe(holder)}): "
+                    f"output_dir={self.path.parent} is in use by a running training "
+                    f"({_describe(holder)}): "
                     f"wait for it to end or choose another output_dir (if no run is alive there, "
                     f"delete {self.path})"
                 )

@@ -35,7 +35,8 @@ def check_writable(directory: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(
-            f"output_dir: {directory} is not writable ({err}): make it writable or choose another output_dir"
+            f"output_dir: {directory} is not writable ({err}): make it writable or choose another "
+            "output_dir"
         ) from err
 
 

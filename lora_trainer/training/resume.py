@@ -151,7 +151,8 @@ def check_resume(
 def schedule_note(
     optim: OptimSection, saved_max: int | None, max_steps: int, step: int
 ) -> str | None:
-    """What the learning rate does when a resume changes trainer.max_steps (None when it does not)."""
+    """What the learning rate does when a resume changes trainer.max_steps (None when it does
+    not)."""
     if saved_max is None or saved_max == max_steps:
         return None
     from lora_trainer.training.optim import warmup_cosine
@@ -174,7 +175,8 @@ def start_at(output_dir: Path, checkpoints: Path, step: int) -> None:
     if moved:
         log.warning(
             "Starting at step %d: moved the later saves %s (another line of training) and %d lines "
-            "of %s to %s; resume=latest, checkpoint.keep_last and the final message no longer see them",
+            "of %s to %s; resume=latest, checkpoint.keep_last and the final message no longer see "
+            "them",
             step,
             ", ".join(path.name for path in moved[1]),
             dropped,
@@ -195,7 +197,8 @@ def trim_train_log(path: Path, step: int, aside: Path | None) -> int:
     dropped without `aside`). Returns how many lines were removed."""
     if not path.is_file():
         return 0
-    kept, removed = [], []
+    kept: list[str] = []
+    removed: list[str] = []
     for line in path.read_text().splitlines(keepends=True):
         try:
             record_step = json.loads(line).get("step", 0)
