@@ -1,4 +1,5 @@
-"""atomic_directory, atomic_write_text/json and cleanup_stale_temporaries."""
+"""atomic_directory (and its halves temporary_directory, publish_directory), atomic_file,
+atomic_write_text/json and cleanup_stale_temporaries."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import torch
 
 from lora_trainer.bridge.safetensors_io import ShardedCheckpointWriter
 from lora_trainer.errors import ExportError
-from lora_trainer.export import atomic
-from lora_trainer.export.atomic import (
+from lora_trainer.files import atomic
+from lora_trainer.files.atomic import (
     atomic_directory,
     atomic_write_json,
     atomic_write_text,
     cleanup_stale_temporaries,
+    publish_directory,
+    temporary_directory,
 )
+from tests import fs_events
 
 DEAD_PID = 99_999_999  # above the kernel's pid_max, so never a running process
 
@@ -64,6 +68,52 @@ def test_exception_in_body_keeps_old_and_removes_temporary(tmp_path: Path) -> No
         raise RuntimeError("boom")
     assert _entries(final) == ["old.txt"]
     assert _entries(tmp_path) == ["export"]
+
+
+def test_a_publish_fsyncs_every_file_and_directory_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "events.log"
+    out = tmp_path / "out"
+    out.mkdir()
+    final = _old_export(out)
+    fs_events.record(monkeypatch, log)
+    with atomic_directory(final) as temporary:
+        (temporary / "sub").mkdir()
+        (temporary / "sub" / "b.bin").write_bytes(b"b")
+        (temporary / "a.txt").write_text("a")
+    assert _entries(final) == ["a.txt", "sub"]
+    published_from = fs_events.assert_synced_then_published(fs_events.read(log), final)
+    assert published_from.name.startswith(".export.tmp-")
+
+    plain = out / "plain"
+    (out / ".plain").mkdir()
+    (out / ".plain" / "a.txt").write_text("a")
+    os.rename(out / ".plain", plain)
+    with pytest.raises(AssertionError, match="not fsynced before publishing"):
+        fs_events.assert_synced_then_published(fs_events.read(log), plain)
+
+
+def test_without_replace_an_existing_final_is_kept(tmp_path: Path) -> None:
+    final = _old_export(tmp_path)
+    with atomic_directory(final, replace=False) as temporary:
+        (temporary / "new.txt").write_text("new")
+    assert _entries(final) == ["old.txt"]
+    other = tmp_path / "other"
+    with atomic_directory(other, replace=False) as temporary:
+        (temporary / "ours.txt").write_text("ours")
+        other.mkdir()
+        (other / "theirs.txt").write_text("theirs")
+    assert _entries(other) == ["theirs.txt"]
+    assert _entries(tmp_path) == ["export", "other"]
+
+    temporary = temporary_directory(tmp_path / "third")
+    (temporary / "a.txt").write_text("a")
+    assert publish_directory(temporary, tmp_path / "third", replace=False) is True
+    temporary = temporary_directory(tmp_path / "third")
+    assert publish_directory(temporary, tmp_path / "third", replace=False) is False
+    assert _entries(tmp_path / "third") == ["a.txt"]
+    assert _entries(tmp_path) == ["export", "other", "third"]
 
 
 def test_disk_full_while_writing_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,7 +188,7 @@ def test_failed_swap_restores_old_export(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(os, "rename", rename)
     with (
-        pytest.raises(ExportError, match="renaming the finished export"),
+        pytest.raises(ExportError, match="renaming the finished directory"),
         atomic_directory(final) as temporary,
     ):
         (temporary / "new.txt").write_text("new")
@@ -156,6 +206,26 @@ def test_atomic_write_text_and_json(tmp_path: Path) -> None:
     assert path.read_text() == "replaced"
     assert path.stat().st_mode & 0o777 == 0o640
     assert _entries(path.parent) == ["config.json"]
+
+
+def test_atomic_write_text_fsyncs_the_file_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "events.log"
+    path = tmp_path / "out" / "config.json"
+    fs_events.record(monkeypatch, log)
+    atomic_write_text(path, "text")
+    events = fs_events.read(log)
+    renames = [event for event in events if event[0] == "rename"]
+    assert [target for _, _, target in renames] == [str(path.resolve())]
+    temporary = renames[0][1]
+    assert Path(temporary).name.startswith(".config.json.tmp-")
+    assert events == [
+        ("fsync", temporary),
+        renames[0],
+        ("fsync", str(path.parent.resolve())),
+    ]
+    assert path.read_text() == "text"
 
 
 def test_atomic_write_text_failure_keeps_old(
@@ -188,9 +258,14 @@ def test_cleanup_stale_temporaries(tmp_path: Path) -> None:
         (directory / "f").write_text("x")
     stale_file.write_text("x")
 
-    assert cleanup_stale_temporaries(tmp_path, name="adapter") == [orphan]
+    assert cleanup_stale_temporaries(tmp_path, name="adapter") == [
+        f"restored adapter from {orphan.name}"
+    ]
     assert (tmp_path / "adapter" / "f").is_file()
-    handled = cleanup_stale_temporaries(tmp_path)
-    assert sorted(handled) == sorted([stale, replaced, stale_file])
+    assert cleanup_stale_temporaries(tmp_path) == [
+        f"removed {stale_file.name}",
+        f"removed {replaced.name}",
+        f"removed {stale.name}",
+    ]
     assert _entries(tmp_path) == sorted([".export.tmpfoo", live.name, "adapter", "export", "other"])
     assert cleanup_stale_temporaries(tmp_path / "absent") == []

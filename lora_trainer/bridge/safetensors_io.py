@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lora_trainer.errors import CheckpointError
-from lora_trainer.export.atomic import atomic_write_json, export_error
+from lora_trainer.files.atomic import atomic_write_json, export_error
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -43,7 +43,6 @@ from torch import Tensor
 
 from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.errors import ExportError, PeerExportError
-from lora_trainer.export.atomic import atomic_directory, cleanup_stale_temporaries, export_error
 from lora_trainer.export.check import CHECK_MEMORY_GB, ExportCheckResult, check_export
 from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter
 from lora_trainer.export.manifest import build_manifest, write_manifest
@@ -55,6 +54,7 @@ from lora_trainer.export.peft_adapter import (
     read_adapter_modules,
     write_local_factors,
 )
+from lora_trainer.files.atomic import atomic_directory, cleanup_stale_temporaries, export_error
 
 logger = logging.getLogger(__name__)
 

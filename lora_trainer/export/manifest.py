@@ -18,9 +18,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.export.atomic import atomic_write_json
 from lora_trainer.export.check import ExportCheckResult
 from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter
+from lora_trainer.files.atomic import atomic_write_json
 
 MANIFEST_FILE = "export_manifest.json"
 FORMAT_VERSION = 1
@@ -107,9 +107,10 @@ def module_counts(adapter: HFAdapter) -> dict[str, int]:
 
 
 def nonzero_lora_b(adapter: HFAdapter) -> int:
-    """How many lora_B tensors (one per linear module, one per packed expert projection) are not all zero."""
-    weights = (*adapter.linears.values(), *adapter.experts.values())
-    return sum(1 for w in weights if bool(w.b.any()))
+    """How many lora_B tensors (one per linear module, one per packed expert projection) are not
+    all zero."""
+    linears = sum(1 for w in adapter.linears.values() if bool(w.b.any()))
+    return linears + sum(1 for w in adapter.experts.values() if bool(w.b.any()))
 
 
 def library_versions() -> dict[str, str | None]:
@@ -130,7 +131,10 @@ def hash_files(directory: Path) -> dict[str, str]:
     workers = max(1, min(8, os.cpu_count() or 1, len(files)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         digests = list(pool.map(sha256_file, files))
-    return {path.relative_to(directory).as_posix(): digest for path, digest in zip(files, digests)}
+    return {
+        path.relative_to(directory).as_posix(): digest
+        for path, digest in zip(files, digests, strict=True)
+    }
 
 
 def sha256_file(path: Path) -> str:

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from lora_trainer.errors import CheckpointError
-from lora_trainer.export.atomic import atomic_write_json
 from lora_trainer.export.snapshot import has_snapshot
+from lora_trainer.files.atomic import atomic_write_json
 
 _SAVE = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^\.(?P<name>step-\d+)\.(?P<kind>partial|old)$")

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.export.atomic import pid_alive
+from lora_trainer.files.atomic import pid_alive
 
 log = logging.getLogger(__name__)
 

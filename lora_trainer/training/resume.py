@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_trainer.errors import CheckpointError, ConfigError
-from lora_trainer.export.atomic import atomic_write_text
 from lora_trainer.export.manifest import sha256_file
+from lora_trainer.files.atomic import atomic_write_text
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.training.checkpoints import (
     TRAINING_STATE,

@@ -1,9 +1,16 @@
-"""Atomic writes of export directories and single files.
+"""Atomic publication of directories and files: the one way lora_trainer makes what it wrote
+appear under its final name (the saves, the HF exports, the tiny checkpoints, every manifest).
 
-An export is written into a temporary sibling of its final path and renamed into place only once
-every file is complete and on disk, so `final` never holds a half-written export. Temporaries are
-named `.<name>.tmp-<pid>-<random>` (and a replaced export is moved aside to
-`.<name>.old-<pid>-<random>`) in the same parent, so every rename stays on one filesystem.
+A directory is written into a temporary sibling of its final path, `.<name>.tmp-<pid>-<random>`
+(`temporary_directory`), and published by `publish_directory`: every file and directory in it is
+fsynced, it is renamed onto the final path (a directory it replaces is first moved aside to
+`.<name>.old-<pid>-<random>`, and deleted once the new one is in place), and the parent is fsynced.
+So the final path never holds a half-written directory, and a published one survives a crash or a
+power loss. `atomic_directory` wraps both halves around a body in one process; a save that several
+ranks write calls them itself (rank 0 makes the temporary directory and publishes it). A single
+file goes the same way through `atomic_file` (a temporary sibling, fsync, `os.replace`, fsync of the
+parent). Temporaries stay in the final path's parent, so every rename is on one filesystem;
+`cleanup_stale_temporaries` clears what a killed process left.
 """
 
 from __future__ import annotations
@@ -90,6 +97,14 @@ def _fsync_path(path: Path, directory: bool) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush the file `path` to disk; ExportError naming it when the disk refuses."""
+    try:
+        _fsync_path(path, directory=False)
+    except OSError as error:
+        raise export_error(path, error, "flushing to disk") from error
+
+
 def _fsync_tree(root: Path) -> None:
     """fsync every regular file and directory under `root` (symlinks are not followed)."""
     for dirpath, _dirnames, filenames in os.walk(root):
@@ -114,7 +129,15 @@ def _make_parent(parent: Path) -> None:
         ) from error
 
 
-def _make_temporary_dir(final: Path) -> Path:
+def temporary_directory(final: Path | str) -> Path:
+    """Create the empty temporary sibling `.<name>.tmp-<pid>-<random>` of `final` (its parents
+    too) for `publish_directory`. Raises ExportError when the parent is not a writable directory
+    or `final` exists and is not a directory."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise ExportError(
+            f"{final} exists and is not a directory: remove it or choose another output_dir"
+        )
     parent = final.parent
     _make_parent(parent)
     try:
@@ -129,21 +152,15 @@ def _make_temporary_dir(final: Path) -> Path:
 
 
 def _swap_into_place(temporary: Path, final: Path) -> None:
-    """Rename `temporary` onto `final`; an existing `final` is moved aside, then deleted.
+    """Rename `temporary` onto the existing `final`, which is moved aside, then deleted.
 
     If the new directory cannot be renamed into place, the old one is restored.
     """
-    if not (final.exists() or final.is_symlink()):
-        try:
-            os.rename(temporary, final)
-        except OSError as error:
-            raise export_error(final, error, "renaming the finished export to") from error
-        return
     aside = final.parent / f".{final.name}.old-{os.getpid()}-{_token()}"
     try:
         os.rename(final, aside)
     except OSError as error:
-        raise export_error(final, error, "moving aside the previous export") from error
+        raise export_error(final, error, "moving aside the previous directory") from error
     try:
         os.rename(temporary, final)
     except OSError as error:
@@ -151,69 +168,102 @@ def _swap_into_place(temporary: Path, final: Path) -> None:
             os.rename(aside, final)
         except OSError as restore_error:
             raise ExportError(
-                f"could not rename the finished export to {final} ({error}) nor restore the "
-                f"previous export ({restore_error}): it is kept at {aside}; rename it back by hand"
+                f"could not rename the finished directory to {final} ({error}) nor restore the "
+                f"previous one ({restore_error}): it is kept at {aside}; rename it back by hand"
             ) from error
-        raise export_error(final, error, "renaming the finished export to") from error
+        raise export_error(final, error, "renaming the finished directory to") from error
     _remove(aside)
 
 
-@contextmanager
-def atomic_directory(final: Path | str) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces `final` when the body succeeds.
+def publish_directory(temporary: Path, final: Path | str, *, replace: bool = True) -> bool:
+    """Publish the complete directory `temporary` (from `temporary_directory`) as `final`.
 
-    On success every file is fsynced and the directory renamed onto `final` (an existing `final`
-    is replaced as a whole). On any exception the temporary directory is deleted, the exception
-    re-raised, and an existing `final` is left untouched. Raises ExportError when the parent is
-    not writable or `final` exists and is not a directory.
+    Every file and directory in `temporary` is fsynced, then it is renamed onto `final` and the
+    parent is fsynced. An existing `final` is replaced as a whole (and restored when the rename
+    fails). With `replace=False` an existing `final` is kept (another process published the same
+    content first): `temporary` is deleted and False returned. On an error (ExportError)
+    `temporary` stays, for the caller to delete or `cleanup_stale_temporaries` to clear.
     """
     final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise ExportError(
-            f"{final} exists and is not a directory: remove it or choose another output_dir"
-        )
-    temporary = _make_temporary_dir(final)
     try:
-        yield temporary
-        try:
-            _fsync_tree(temporary)
-        except OSError as error:
-            raise export_error(temporary, error, "flushing to disk") from error
+        _fsync_tree(temporary)
+    except OSError as error:
+        raise export_error(temporary, error, "flushing to disk") from error
+    if replace and (final.exists() or final.is_symlink()):
         _swap_into_place(temporary, final)
-    except BaseException:
-        _remove(temporary)
-        raise
+    else:
+        try:
+            os.rename(temporary, final)
+        except OSError as error:
+            if replace or not final.is_dir():
+                raise export_error(final, error, "renaming the finished directory to") from error
+            _remove(temporary)
+            return False
     try:
         _fsync_path(final.parent, directory=True)
     except OSError as error:
         raise export_error(final.parent, error, "flushing to disk") from error
+    return True
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through a fsynced temporary file and `os.replace`.
+@contextmanager
+def atomic_directory(final: Path | str, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a fresh temporary directory that `publish_directory` publishes as `final` when the
+    body succeeds (see there for `replace`).
 
-    The file keeps the mode of the file it replaces, or gets the umask default. Raises
-    ExportError naming `path` when the write fails; `path` is then left as it was.
+    On any exception the temporary directory is deleted, the exception re-raised, and an existing
+    `final` is left untouched. Raises ExportError when the parent is not writable or `final`
+    exists and is not a directory.
+    """
+    temporary = temporary_directory(final)
+    try:
+        yield temporary
+        publish_directory(temporary, final, replace=replace)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield the path of a temporary sibling of `path` to write; when the body succeeds, the file
+    is fsynced and renamed onto `path` (`os.replace`), and the directory fsynced.
+
+    The file keeps the mode of the file it replaces, or gets the umask default. On any exception
+    the temporary is deleted and `path` left as it was; a failure to publish raises ExportError
+    naming `path`.
     """
     path = Path(path)
     _make_parent(path.parent)
     mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+        os.close(fd)
     except OSError as error:
         raise export_error(path, error) from error
     temporary = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        _fsync_path(path.parent, directory=True)
-    except OSError as error:
+        yield temporary
+        try:
+            os.chmod(temporary, mode)
+            _fsync_path(temporary, directory=False)
+            os.replace(temporary, path)
+            _fsync_path(path.parent, directory=True)
+        except OSError as error:
+            raise export_error(path, error) from error
+    except BaseException:
         temporary.unlink(missing_ok=True)
-        raise export_error(path, error) from error
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_file`. Raises ExportError naming `path`
+    when the write fails; `path` is then left as it was."""
+    with atomic_file(path) as temporary:
+        try:
+            temporary.write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise export_error(Path(path), error) from error
 
 
 def atomic_write_json(
@@ -234,19 +284,20 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def cleanup_stale_temporaries(parent: Path | str, name: str | None = None) -> list[Path]:
-    """Clean up what a killed export left in `parent`; returns the paths removed or restored.
+def cleanup_stale_temporaries(parent: Path | str, name: str | None = None) -> list[str]:
+    """Clean up what a killed process left in `parent`; returns one note per entry handled
+    (`removed .<name>.tmp-...`, `restored <name> from .<name>.old-...`).
 
     Only entries named `.<name>.tmp-<pid>-<random>` or `.<name>.old-<pid>-<random>` whose pid is
-    no longer running on this machine are touched (restrict to one export with `name`).
-    Temporaries are deleted. A moved-aside previous export is deleted when `<name>` exists and
+    no longer running on this machine are touched (restrict to one final name with `name`).
+    Temporaries are deleted. A moved-aside previous directory is deleted when `<name>` exists and
     renamed back to `<name>` when it does not (the process died between the two renames). Call it
     from one process only: pids of processes on other machines sharing the filesystem are not seen.
     """
     parent = Path(parent)
     if not parent.is_dir():
         return []
-    handled: list[Path] = []
+    notes: list[str] = []
     for entry in sorted(parent.iterdir()):
         match = _STALE.match(entry.name)
         if match is None or (name is not None and match["name"] != name):
@@ -258,8 +309,9 @@ def cleanup_stale_temporaries(parent: Path | str, name: str | None = None) -> li
             try:
                 os.rename(entry, final)
             except OSError as error:
-                raise export_error(final, error, "restoring the previous export to") from error
+                raise export_error(final, error, "restoring the previous directory to") from error
+            notes.append(f"restored {final.name} from {entry.name}")
         else:
             _remove(entry)
-        handled.append(entry)
-    return handled
+            notes.append(f"removed {entry.name}")
+    return notes
