@@ -39,6 +39,7 @@ from lora_trainer.training.hydra_schema import config_keys, register_schema, to_
 from lora_trainer.training.launch import is_relaunched_rank
 from lora_trainer.training.resume import run_settings
 from lora_trainer.training.validate import is_complete_save, resolve_run, validate_config
+from tests import fs_events
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -548,6 +549,32 @@ def test_tiny_build_that_loses_a_race_keeps_the_winner(tmp_path: Path, monkeypat
     assert ensure_tiny_checkpoint("dense", tmp_path) == final
     assert [p.name for p in final.iterdir()] == ["theirs"]
     assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+def test_tiny_build_is_fsynced_before_it_is_published_and_a_failed_one_leaves_nothing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    def build(kind: str, directory: Path) -> None:
+        (directory / "tokenizer").mkdir()
+        (directory / "tokenizer" / "vocab.json").write_text("{}")
+        (directory / "model.safetensors").write_bytes(b"weights")
+
+    def failing_build(kind: str, directory: Path) -> None:
+        build(kind, directory)
+        raise RuntimeError("killed mid-build")
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(tiny, "_build", failing_build)
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        ensure_tiny_checkpoint("dense", cache)
+    assert list(cache.iterdir()) == []
+
+    log = tmp_path / "events.log"
+    fs_events.record(monkeypatch, log)
+    monkeypatch.setattr(tiny, "_build", build)
+    final = ensure_tiny_checkpoint("dense", cache)
+    fs_events.assert_synced_then_published(fs_events.read(log), final)
+    assert [p.name for p in cache.iterdir()] == [final.name]
 
 
 # ---------------------------------------------------------------------------------- train.py

@@ -6,9 +6,10 @@
 returns it from the cache on later calls. The directory name carries a hash of the whole recipe
 (sizes, seed, tokenizer data, `RECIPE_VERSION`), so a changed recipe builds a new directory.
 
-A checkpoint is built in a temporary sibling and renamed into place, so the final directory is
-either absent or complete: a process that starts while another builds never reads a half-written
-checkpoint, and two concurrent builders both end with the same (deterministic) result.
+A checkpoint is built in a temporary sibling, fsynced and renamed into place (`atomic_directory`
+with `replace=False`), so the final directory is either absent or complete: a process that starts
+while another builds never reads a half-written checkpoint, and of two concurrent builders the
+second keeps the first one's (identical, deterministic) result.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +26,7 @@ from lora_trainer.data.tokenizer_builder import (
     tokenizer_recipe,
 )
 from lora_trainer.errors import ConfigError
+from lora_trainer.files.atomic import atomic_directory
 
 TinyKind = Literal["moe", "dense"]
 TINY_KINDS: tuple[str, ...] = ("moe", "dense")
@@ -94,18 +93,8 @@ def ensure_tiny_checkpoint(kind: TinyKind, cache_dir: str | Path) -> Path:
     final = tiny_checkpoint_path(kind, cache_dir)
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        temporary.mkdir()
+    with atomic_directory(final, replace=False) as temporary:
         _build(kind, temporary)
-        try:
-            os.rename(temporary, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     return final
 
 
@@ -120,13 +109,14 @@ def _build(kind: str, directory: Path) -> None:
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": None,
     }
+    model: transformers.PreTrainedModel
     with torch.random.fork_rng(devices=[]):
         if kind == "moe":
-            config = transformers.Qwen3_5MoeTextConfig(**TEXT_SIZES, **MOE_SIZES, **special)
-            model = transformers.Qwen3_5MoeForCausalLM(config)
+            moe = transformers.Qwen3_5MoeTextConfig(**TEXT_SIZES, **MOE_SIZES, **special)
+            model = transformers.Qwen3_5MoeForCausalLM(moe)
         else:
-            config = transformers.Qwen3_5TextConfig(**TEXT_SIZES, **DENSE_SIZES, **special)
-            model = transformers.Qwen3_5ForCausalLM(config)
+            dense = transformers.Qwen3_5TextConfig(**TEXT_SIZES, **DENSE_SIZES, **special)
+            model = transformers.Qwen3_5ForCausalLM(dense)
     _randomize(model, SEED)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
