@@ -1,13 +1,14 @@
 """The save callback: every `checkpoint.every_n_steps` steps (and at the last step) it writes
 `OUT/checkpoints/step-N/` with the training state of every rank, the HF adapter and/or merged
-checkpoint and the export manifest, atomically: everything goes into a staging sibling that is
-renamed to `step-N` only when complete. Then it prunes old saves down to `checkpoint.keep_last`,
-never deleting the newest exported one, the ones being exported, nor the one the run resumed
-from; only intact saves count (`saves_to_prune`).
+checkpoint and the export manifest, atomically: everything goes into a temporary sibling (rank 0
+makes it with `temporary_directory` and tells the others its name) that is fsynced and renamed to
+`step-N` only when complete (`publish_directory`). Then it prunes old saves down to
+`checkpoint.keep_last`, never deleting the newest exported one, the ones being exported, nor the
+one the run resumed from; only intact saves count (`saves_to_prune`).
 
-With `export.background=true` (`_save_in_background`) the save holds the training state and the export snapshot
-when it is renamed to `step-N`; the HF export is then made inside it by background workers
-(`background_export.py`) while training goes on."""
+With `export.background=true` (`_save_in_background`) the save holds the training state and the
+export snapshot when it is renamed to `step-N`; the HF export is then made inside it by background
+workers (`background_export.py`) while training goes on."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from lora_trainer.export.background import is_exported, pending_exports
 from lora_trainer.export.gather_adapter import distributed_hf_adapter, local_hf_factors
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.snapshot import snapshot_dir, write_factors, write_job
+from lora_trainer.files.atomic import publish_directory, temporary_directory
 from lora_trainer.training.checkpoints import complete_saves, save_dir_name, saves_to_prune
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.module import LoraTrainingModule
@@ -36,6 +38,12 @@ log = logging.getLogger(__name__)
 
 def _directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _staging(trainer: pl.Trainer, final: Path) -> Path:
+    """The temporary directory of the save `final`: rank 0 makes it, every rank gets its path."""
+    made = str(temporary_directory(final)) if trainer.is_global_zero else ""
+    return Path(trainer.strategy.broadcast(made))
 
 
 class CheckpointExportCallback(pl.Callback):
@@ -83,11 +91,7 @@ class CheckpointExportCallback(pl.Callback):
             return self._save_in_background(trainer, module, step)
         strategy = trainer.strategy
         final = self.root / save_dir_name(step)
-        staging = self.root / f".{final.name}.partial"
-        if trainer.is_global_zero:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        strategy.barrier("save:staging")
+        staging = _staging(trainer, final)
         started = time.perf_counter()
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
         export = self.config.export
@@ -116,14 +120,15 @@ class CheckpointExportCallback(pl.Callback):
             check = manifest.get("check")
             if trainer.is_global_zero and export.check and not (check and check.get("passed")):
                 failure = ExportError(
-                    f"{check['message'] if check else 'the export check did not run'} (step {step}); the save "
-                    f"stays unpublished at {staging} for inspection, the previous saves are untouched"
+                    f"{check['message'] if check else 'the export check did not run'} "
+                    f"(step {step}); the save stays unpublished at {staging} for inspection, "
+                    "the previous saves are untouched"
                 )
         except Exception as error:
             failure = error
         raise_on_every_rank(failure)
         if trainer.is_global_zero:
-            self._publish(staging, final)
+            publish_directory(staging, final)
             self._prune()
             log.info(
                 "Saved step %d to %s in %.1f s (%.1f MiB)",
@@ -143,12 +148,8 @@ class CheckpointExportCallback(pl.Callback):
         self.background.wait(trainer, f"The save of step {step}")
         strategy = trainer.strategy
         final = self.root / save_dir_name(step)
-        staging = self.root / f".{final.name}.partial"
         started = time.perf_counter()
-        if trainer.is_global_zero:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        strategy.barrier("save:staging")
+        staging = _staging(trainer, final)
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
         state_seconds = time.perf_counter() - started
         write_factors(
@@ -173,14 +174,14 @@ class CheckpointExportCallback(pl.Callback):
             )
         strategy.barrier("save:snapshot")
         if trainer.is_global_zero:
-            self._publish(staging, final)
+            publish_directory(staging, final)
             self._prune()
         strategy.barrier("save:published")
         self.background.start(trainer, final)
         if trainer.is_global_zero:
             log.info(
-                "Saved step %d to %s: training blocked %.2f s (training state %.2f s, snapshot %.1f MiB); "
-                "the HF export runs in the background",
+                "Saved step %d to %s: training blocked %.2f s (training state %.2f s, "
+                "snapshot %.1f MiB); the HF export runs in the background",
                 step,
                 final,
                 time.perf_counter() - started,
@@ -189,17 +190,6 @@ class CheckpointExportCallback(pl.Callback):
             )
         self.last_saved_step = step
         return final
-
-    @staticmethod
-    def _publish(staging: Path, final: Path) -> None:
-        """Rename the complete staging directory onto `final`; an older `final` (a re-save of the
-        same step after a resume) is moved aside first and deleted only after the swap."""
-        old = final.with_name(f".{final.name}.old")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
         saves = complete_saves(self.root)

@@ -32,6 +32,7 @@ from lora_trainer.export.snapshot import (
 )
 from lora_trainer.training.checkpoints import write_state_manifest
 from lora_trainer.training.config import CheckpointSection, TrainConfig
+from tests import fs_events
 from tests.checkpoints import KIND_MOE_VL
 from tests.export_fixtures import make_base
 from tests.test_training import COMMON, REPO
@@ -253,10 +254,34 @@ STEPS = ["trainer.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_l
 
 
 @pytest.fixture(scope="module")
-def synchronous_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fs_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where every process of the synchronous run logs its fsyncs and renames (`fs_events`)."""
+    inject = tmp_path_factory.mktemp("fs_events")
+    (inject / "sitecustomize.py").write_text(fs_events.sitecustomize(inject / "events.log"))
+    return inject / "events.log"
+
+
+@pytest.fixture(scope="module")
+def synchronous_run(tmp_path_factory: pytest.TempPathFactory, fs_log: Path) -> Path:
     out = tmp_path_factory.mktemp("synchronous")
-    _ok(run_train(out, *STEPS, "export.background=false"))
+    _ok(run_train(out, *STEPS, "export.background=false", pythonpath=str(fs_log.parent)))
     return out / "checkpoints"
+
+
+def test_saves_and_their_exports_are_fsynced_before_they_are_published(
+    synchronous_run: Path, fs_log: Path
+) -> None:
+    events = fs_events.read(fs_log)
+    for step in (2, 4):
+        save = synchronous_run / f"step-{step}"
+        staging = fs_events.assert_synced_then_published(events, save)
+        assert staging.name.startswith(f".step-{step}.tmp-")
+        for name in EXPORTED:
+            fs_events.assert_synced_then_published(events, staging / name, save / name)
+        rank_files = sorted(path.name for path in (save / "training_state").glob("rank-*.pt"))
+        assert rank_files == ["rank-00000.pt", "rank-00001.pt"]
+        for name in rank_files:
+            fs_events.assert_file_synced_then_published(events, staging / "training_state" / name)
 
 
 def test_background_saves_equal_synchronous_saves(synchronous_run: Path, tmp_path: Path) -> None:

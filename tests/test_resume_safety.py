@@ -50,6 +50,8 @@ COMMON = [
     "optim.min_lr=1e-4",
 ]
 
+DEAD_PID = 99_999_999  # above the kernel's pid_max, so never a running process
+
 register_schema()
 
 
@@ -234,24 +236,30 @@ def test_damaged_saves_are_skipped_named_and_not_counted(
 
 
 def test_leftovers_of_a_killed_save_are_cleared(tmp_path: Path) -> None:
-    (tmp_path / ".step-8.partial" / TRAINING_STATE).mkdir(parents=True)
-    (tmp_path / ".step-4.old").mkdir()
+    (tmp_path / f".step-8.tmp-{DEAD_PID}-ab12" / TRAINING_STATE).mkdir(parents=True)
+    (tmp_path / f".step-4.old-{DEAD_PID}-cd34").mkdir()
     (tmp_path / "step-4").mkdir()
-    (tmp_path / ".step-6.old" / TRAINING_STATE).mkdir(parents=True)
+    (tmp_path / f".step-6.old-{DEAD_PID}-ef56" / TRAINING_STATE).mkdir(parents=True)
+    (tmp_path / f".step-10.tmp-{os.getpid()}-gh78").mkdir()
     notes = clear_leftovers(tmp_path)
     assert notes == [
-        "removed .step-4.old",
-        "restored step-6 from .step-6.old",
-        "removed .step-8.partial",
+        f"removed .step-4.old-{DEAD_PID}-cd34",
+        f"restored step-6 from .step-6.old-{DEAD_PID}-ef56",
+        f"removed .step-8.tmp-{DEAD_PID}-ab12",
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4", "step-6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".step-10.tmp-{os.getpid()}-gh78",
+        "step-4",
+        "step-6",
+    ]
+    assert (tmp_path / "step-6" / TRAINING_STATE).is_dir()
 
 
 def test_a_fresh_start_clears_leftovers_and_sets_earlier_saves_aside_under_the_lock(
     copied: Path,
 ) -> None:
     checkpoints = copied / "checkpoints"
-    (checkpoints / ".step-8.partial" / TRAINING_STATE).mkdir(parents=True)
+    (checkpoints / f".step-8.tmp-{DEAD_PID}-ab12" / TRAINING_STATE).mkdir(parents=True)
     (copied / "train_log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2)))
     with prepared_run(config_for(copied), first=True) as run:
         assert run.resume_path is None

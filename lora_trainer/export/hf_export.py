@@ -54,7 +54,12 @@ from lora_trainer.export.peft_adapter import (
     read_adapter_modules,
     write_local_factors,
 )
-from lora_trainer.files.atomic import atomic_directory, cleanup_stale_temporaries, export_error
+from lora_trainer.files.atomic import (
+    atomic_directory,
+    cleanup_stale_temporaries,
+    export_error,
+    fsync_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +234,7 @@ def _stage(
             lambda: write_local_factors(adapter_file, parts.layout, parts.local, profile),
             adapter_file,
         )
-        _fsync_file(adapter_file)
+        fsync_file(adapter_file)
 
     def merge() -> None:
         modules = shard_modules(parts.layout, base_dir, rank=rank, world_size=world_size)
@@ -242,7 +247,7 @@ def _stage(
             world_size=world_size,
             progress=progress,
         ):
-            _fsync_file(path)
+            fsync_file(path)
 
     failure: Exception | None = None
     for index, step in enumerate((create, write_factors, *((merge,) if write_merged else ()))):
@@ -278,7 +283,8 @@ def _stage(
 
 
 def _mark_failed(staging: Path, rank: int) -> None:
-    """Leave a marker that this rank's step failed (nothing when the staging directory is unusable)."""
+    """Leave a marker that this rank's step failed (nothing when the staging directory is
+    unusable)."""
     try:
         (staging / FAILED_DIR).mkdir(exist_ok=True)
         (staging / FAILED_DIR / str(rank)).touch()
@@ -291,12 +297,14 @@ def _peer_failed(staging: Path) -> bool:
 
 
 def _fresh_directory(path: Path) -> None:
-    """Create `path` empty (removing what is there), with a clear error when its parents are unusable."""
+    """Create `path` empty (removing what is there), with a clear error when its parents are
+    unusable."""
     for ancestor in path.parents:
         if ancestor.exists():
             if not ancestor.is_dir():
                 raise ExportError(
-                    f"{ancestor} is not a directory: choose an output_dir whose parent is a directory"
+                    f"{ancestor} is not a directory: choose an output_dir whose parent is a "
+                    "directory"
                 )
             break
     try:
@@ -323,16 +331,6 @@ def _check_staging_complete(base_dir: Path, staging: Path) -> None:
             f"merged shard files missing or incomplete in {staging}: {', '.join(bad[:5])}"
             f"{' ...' if len(bad) > 5 else ''}: another rank's export failed; see its error"
         )
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        raise export_error(path, error, "flushing to disk") from error
-    finally:
-        os.close(fd)
 
 
 def _move_contents(source: Path, target: Path) -> None:

@@ -15,7 +15,6 @@ is read.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 from lora_trainer.errors import ExportError
 from lora_trainer.export.check import CHECK_MEMORY_GB
 from lora_trainer.export.hf_lora import HFAdapter, hf_weights_from_factors
-from lora_trainer.files.atomic import atomic_write_json, export_error
+from lora_trainer.files.atomic import atomic_file, atomic_write_json, export_error
 
 SNAPSHOT_DIR = "export_snapshot"
 JOB_FILE = "job.json"
@@ -88,8 +87,9 @@ def read_job(save_dir: Path) -> ExportJob:
         return ExportJob(**json.loads(path.read_text()))
     except FileNotFoundError as error:
         raise ExportError(
-            f"{save_dir} has no export snapshot ({SNAPSHOT_DIR}/{JOB_FILE}): its export was finished "
-            "(see export_manifest.json) or it was not saved by lora_trainer; pass another save"
+            f"{save_dir} has no export snapshot ({SNAPSHOT_DIR}/{JOB_FILE}): its export was "
+            "finished (see export_manifest.json) or it was not saved by lora_trainer; pass another "
+            "save"
         ) from error
     except (OSError, ValueError, TypeError) as error:
         raise ExportError(
@@ -105,19 +105,11 @@ def write_factors(save_dir: Path, rank: int, factors: Factors) -> Path:
         tensors[f"{key}{_SEPARATOR}a"] = a.detach().to("cpu", torch.float32).contiguous()
         tensors[f"{key}{_SEPARATOR}b"] = b.detach().to("cpu", torch.float32).contiguous()
     path = snapshot_dir(save_dir) / FACTORS_FILE.format(rank=rank)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(partial))
-        fd = os.open(partial, os.O_RDONLY)
+    with atomic_file(path) as temporary:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(partial, path)
-    except Exception as error:
-        partial.unlink(missing_ok=True)
-        raise export_error(path, error) from error
+            save_file(tensors, str(temporary))
+        except Exception as error:
+            raise export_error(path, error) from error
     return path
 
 
@@ -138,8 +130,8 @@ class SnapshotReader:
         missing = [path.name for path in self.files if not path.is_file()]
         if missing:
             raise ExportError(
-                f"the export snapshot of {save_dir} lacks {', '.join(missing[:3])}: the save is damaged; "
-                "export another save"
+                f"the export snapshot of {save_dir} lacks {', '.join(missing[:3])}: the save is "
+                "damaged; export another save"
             )
         # (module, expert) -> (file, shapes of a and b); the lowest rank holding a factor wins.
         self.entries: dict[tuple[str, int | None], tuple[Path, dict[str, tuple[int, ...]]]] = {}

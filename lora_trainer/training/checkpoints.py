@@ -7,13 +7,14 @@
         export_manifest.json            the exported files and their total sizes
         export_snapshot/                while a background export is unfinished (export.background)
 
-A save is written into `.step-N.partial` and renamed to `step-N` when complete (a re-save of the
-same step moves the previous one to `.step-N.old` for the swap). A save is intact only when every
-file its two manifests list is there with the right size (`save_problems`); a save whose background
+A save is written into `.step-N.tmp-<pid>-<random>`, fsynced and renamed to `step-N` when complete
+(`lora_trainer.files.atomic.publish_directory`; a re-save of the same step moves the previous one
+to `.step-N.old-<pid>-<random>` for the swap). A save is intact only when every file its two
+manifests list is there with the right size (`save_problems`); a save whose background
 export is unfinished (no export manifest yet, its `export_snapshot/` there) is intact when its
 training state is, and its export is completed from the snapshot (`lora_trainer.export.background`).
 Damaged saves are never resumed from and never counted by `checkpoint.keep_last`. Leftovers of a
-killed run (`.step-N.partial`, `.step-N.old`) are cleared at the start of the next one
+killed run (`.step-N.tmp-*`, `.step-N.old-*`) are cleared at the start of the next one
 (`clear_leftovers`), and a run that starts at step K moves the saves after K, from another line of
 training, under `checkpoints/abandoned/` (`set_aside_after`).
 """
@@ -21,10 +22,8 @@ training, under `checkpoints/abandoned/` (`set_aside_after`).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -34,10 +33,9 @@ import torch
 
 from lora_trainer.errors import CheckpointError
 from lora_trainer.export.snapshot import has_snapshot
-from lora_trainer.files.atomic import atomic_write_json
+from lora_trainer.files.atomic import atomic_file, atomic_write_json, cleanup_stale_temporaries
 
 _SAVE = re.compile(r"^step-(\d+)$")
-_LEFTOVER = re.compile(r"^\.(?P<name>step-\d+)\.(?P<kind>partial|old)$")
 MANIFEST = "export_manifest.json"
 TRAINING_STATE = "training_state"
 STATE_MANIFEST = "manifest.json"
@@ -72,17 +70,17 @@ def check_plain(value: Any, where: str = "checkpoint") -> None:
             check_plain(item, f"{where}[{index}]")
     elif not isinstance(value, _PLAIN):
         raise TypeError(
-            f"{where} is a {type(value).__module__}.{type(value).__qualname__}: training states hold "
-            "only tensors and plain values"
+            f"{where} is a {type(value).__module__}.{type(value).__qualname__}: training states "
+            "hold only tensors and plain values"
         )
 
 
 def save_rank_state(state: dict[str, Any], path: Path) -> None:
-    """Write one rank's training state (tensors and plain values only) through a temporary file."""
+    """Write one rank's training state (tensors and plain values only) through a temporary file,
+    fsynced by this rank before it gets its name (`atomic_file`)."""
     check_plain(state)
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    with atomic_file(path) as temporary:
+        torch.save(state, temporary)
 
 
 def load_rank_state(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -96,9 +94,9 @@ def load_rank_state(path: Path, mmap: bool = False) -> dict[str, Any]:
             "",
         )
         raise CheckpointError(
-            f"{path} holds objects other than tensors and plain values ({reason.strip() or 'refused'}); "
-            "lora_trainer never writes such files, so it was altered or comes from elsewhere: it "
-            "was not loaded. Resume from another save"
+            f"{path} holds objects other than tensors and plain values "
+            f"({reason.strip() or 'refused'}); lora_trainer never writes such files, so it was "
+            "altered or comes from elsewhere: it was not loaded. Resume from another save"
         ) from None
     except Exception as exc:
         raise CheckpointError(f"{path} cannot be read ({exc}); resume from another save") from exc
@@ -194,12 +192,14 @@ def is_complete_save(path: Path) -> bool:
 
 
 def scan_saves(root: Path) -> tuple[list[Path], dict[Path, list[str]]]:
-    """The intact saves under `root` (oldest step first) and the damaged ones with their problems."""
+    """The intact saves under `root` (oldest step first), and the damaged ones with their
+    problems."""
     if not root.is_dir():
         return [], {}
     intact, damaged = [], {}
     for path in sorted(
-        (p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of
+        (p for p in root.iterdir() if p.is_dir() and step_of(p) is not None),
+        key=lambda p: step_of(p) or 0,
     ):
         problems = save_problems(path)
         if problems:
@@ -230,24 +230,11 @@ def saves_to_prune(root: Path, keep_last: int, keep: frozenset[Path] = frozenset
 
 
 def clear_leftovers(root: Path) -> list[str]:
-    """Remove what a killed save left under `root`: `.step-N.partial` folders, and `.step-N.old`
-    ones (renamed back to `step-N` when the kill came between the two renames of a re-save).
-    Call it only while holding the output folder's lock. Returns one note per folder handled."""
-    notes = []
-    if not root.is_dir():
-        return notes
-    for entry in sorted(root.iterdir()):
-        match = _LEFTOVER.match(entry.name)
-        if match is None or not entry.is_dir():
-            continue
-        final = root / match["name"]
-        if match["kind"] == "old" and not final.exists():
-            entry.rename(final)
-            notes.append(f"restored {final.name} from {entry.name}")
-        else:
-            shutil.rmtree(entry)
-            notes.append(f"removed {entry.name}")
-    return notes
+    """Remove what a killed save left under `root`: its temporary directory, and a previous
+    `step-N` it had moved aside (renamed back when the kill came between the two renames of a
+    re-save), when the process that made them is gone (`cleanup_stale_temporaries`). Call it only
+    while holding the output folder's lock. Returns one note per folder handled."""
+    return cleanup_stale_temporaries(root)
 
 
 def set_aside_after(root: Path, step: int) -> tuple[Path, list[Path]] | None:
@@ -257,7 +244,8 @@ def set_aside_after(root: Path, step: int) -> tuple[Path, list[Path]] | None:
     if not root.is_dir():
         return None
     newer = sorted(
-        (p for p in root.iterdir() if p.is_dir() and (step_of(p) or 0) > step), key=step_of
+        (p for p in root.iterdir() if p.is_dir() and (step_of(p) or 0) > step),
+        key=lambda p: step_of(p) or 0,
     )
     if not newer:
         return None
