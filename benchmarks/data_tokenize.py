@@ -42,7 +42,7 @@ def generate(path: Path, rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lora_trainer.data.tokenizer_builder import tiny_sft_records
+    from lora_trainer.demo.tokenizer import tiny_sft_records
 
     writer = None
     for start in range(0, rows, CHUNK):
@@ -156,7 +156,7 @@ def main() -> None:
         measure(*(Path(p) for p in args.measure), num_proc=args.num_proc)
         return
 
-    from lora_trainer.data.tokenizer_builder import build_tiny_tokenizer
+    from lora_trainer.demo.tokenizer import build_tiny_tokenizer
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="data_tokenize_") as tmp:

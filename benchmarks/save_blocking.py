@@ -90,7 +90,7 @@ def write_checkpoint(directory: Path, size_bytes: int, shard_bytes: int) -> int:
 
 def _tiny_model(cache: Path) -> Path:
     """The tiny test model (built once into `cache`): its tokenizer has a chat template."""
-    from lora_trainer.qwen35.tiny import ensure_tiny_checkpoint
+    from lora_trainer.demo.model import ensure_tiny_checkpoint
 
     return Path(ensure_tiny_checkpoint("moe", cache))
 

@@ -19,7 +19,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from lora_trainer.data.pipeline import SourceSpec
-from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
+from lora_trainer.demo import model as demo_model
+from lora_trainer.demo.model import ensure_tiny_checkpoint, tiny_checkpoint_path
+from lora_trainer.demo.tokenizer import TINY_SFT_PATH
 from lora_trainer.errors import (
     CheckpointError,
     ConfigError,
@@ -30,8 +32,6 @@ from lora_trainer.errors import (
 from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.lora import config as lora_config
 from lora_trainer.lora.config import LoraConfigError
-from lora_trainer.qwen35 import tiny
-from lora_trainer.qwen35.tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
 from lora_trainer.training import choices
 from lora_trainer.training.checkpoints import write_state_manifest
 from lora_trainer.training.config import ExportSection, LoggerSection, ModelConfig, TrainConfig
@@ -58,7 +58,7 @@ def compose_config(*overrides: str) -> TrainConfig:
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache directory holding both tiny checkpoints, built once for the whole session."""
     cache = tmp_path_factory.mktemp("tiny_models")
-    for kind in tiny.TINY_KINDS:
+    for kind in demo_model.TINY_KINDS:
         ensure_tiny_checkpoint(kind, cache)  # type: ignore[arg-type]
     return cache
 
@@ -280,7 +280,7 @@ def test_hydra_rejects_a_value_outside_a_closed_set_naming_the_choices(
 def test_the_enums_are_the_library_closed_sets() -> None:
     assert set(choices.ExportProfile) == set(get_args(Profile))
     assert set(choices.LoraStyle) == set(get_args(lora_config.LoraStyle))
-    assert set(choices.TinyKind) == set(tiny.TINY_KINDS)
+    assert set(choices.TinyKind) == set(demo_model.TINY_KINDS)
     assert "trainer.max_steps" in config_keys() and "lora" in config_keys()
 
 
@@ -489,7 +489,7 @@ def test_relaunched_rank_detection() -> None:
 # --------------------------------------------------------------------------------- tiny checkpoints
 
 
-@pytest.mark.parametrize("kind", tiny.TINY_KINDS)
+@pytest.mark.parametrize("kind", demo_model.TINY_KINDS)
 def test_tiny_checkpoint_loads_with_transformers(tiny_cache: Path, kind: str, monkeypatch) -> None:
     import torch
     import transformers
@@ -519,7 +519,7 @@ def test_tiny_checkpoint_loads_with_transformers(tiny_cache: Path, kind: str, mo
     assert torch.isfinite(loss) and 4.0 < loss.item() < 12.0
 
     monkeypatch.setattr(
-        tiny, "_build", lambda *args: pytest.fail("a cached checkpoint was rebuilt")
+        demo_model, "_build", lambda *args: pytest.fail("a cached checkpoint was rebuilt")
     )
     assert ensure_tiny_checkpoint(kind, tiny_cache) == path  # type: ignore[arg-type]
 
@@ -533,7 +533,7 @@ def test_tiny_checkpoint_is_deterministic_and_keyed_by_recipe(
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (again / name).read_bytes() == (first / name).read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == [again.name]
-    monkeypatch.setattr(tiny, "RECIPE_VERSION", tiny.RECIPE_VERSION + 1)
+    monkeypatch.setattr(demo_model, "RECIPE_VERSION", demo_model.RECIPE_VERSION + 1)
     assert tiny_checkpoint_path("moe", tiny_cache) != first
 
 
@@ -545,7 +545,7 @@ def test_tiny_build_that_loses_a_race_keeps_the_winner(tmp_path: Path, monkeypat
         final.mkdir(parents=True)
         (final / "theirs").write_text("")
 
-    monkeypatch.setattr(tiny, "_build", build_while_another_process_finishes)
+    monkeypatch.setattr(demo_model, "_build", build_while_another_process_finishes)
     assert ensure_tiny_checkpoint("dense", tmp_path) == final
     assert [p.name for p in final.iterdir()] == ["theirs"]
     assert [p.name for p in tmp_path.iterdir()] == [final.name]

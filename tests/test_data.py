@@ -35,7 +35,7 @@ from lora_trainer.data.tokenize import (
     load_tokenizer,
     trained_token_ids,
 )
-from lora_trainer.data.tokenizer_builder import (
+from lora_trainer.demo.tokenizer import (
     TINY_SFT_PATH,
     build_tiny_tokenizer,
     tiny_sft_records,

@@ -17,7 +17,7 @@ from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.data.formats import Columns
 from lora_trainer.data.pipeline import SourceSpec, parse_sources, tokenize_source
 from lora_trainer.data.tokenize import TokenizeSettings
-from lora_trainer.data.tokenizer_builder import build_tiny_tokenizer, tiny_sft_records
+from lora_trainer.demo.tokenizer import build_tiny_tokenizer, tiny_sft_records
 from lora_trainer.errors import CheckpointError, DataError
 
 TOOLS = json.dumps(

@@ -46,7 +46,7 @@ def train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]
 
 
 SHIPPED_DATA = (
-    Path(__file__).resolve().parents[1] / "lora_trainer" / "data" / "assets" / "tiny_sft.jsonl"
+    Path(__file__).resolve().parents[1] / "lora_trainer" / "demo" / "assets" / "tiny_sft.jsonl"
 )
 
 
@@ -142,7 +142,7 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(
         "optim.warmup_steps=3",
         "optim.min_lr=3e-3",
     ]
-    val = ["data.val_path=lora_trainer/data/assets/tiny_sft.jsonl", "trainer.val_every_n_steps=2"]
+    val = ["data.val_path=lora_trainer/demo/assets/tiny_sft.jsonl", "trainer.val_every_n_steps=2"]
     train(tmp_path, "trainer.max_steps=2", "logger=none", *args, *val)
     train(tmp_path, "trainer.max_steps=4", "resume=latest", "logger=none", *args)
     resumed = adapter_tensors(tmp_path / "checkpoints" / "step-4")

@@ -28,7 +28,7 @@ from lora_trainer.data.packing import PackedDataset, TokenizedRows, collate
 from lora_trainer.data.pipeline import mix, parse_sources, tokenize_source
 from lora_trainer.data.sampler import DPBatchSampler, eval_batches
 from lora_trainer.data.tokenize import TokenizeSettings, load_tokenizer
-from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
+from lora_trainer.demo.tokenizer import TINY_SFT_PATH
 from lora_trainer.errors import DataError
 
 log = logging.getLogger(__name__)

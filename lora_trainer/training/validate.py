@@ -23,14 +23,14 @@ from typing import Any, get_args
 from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.data.pipeline import SourceSpec, parse_sources
-from lora_trainer.data.tokenizer_builder import TINY_SFT_PATH
+from lora_trainer.demo.model import ensure_tiny_checkpoint, tiny_checkpoint_path
+from lora_trainer.demo.tokenizer import TINY_SFT_PATH
 from lora_trainer.errors import CheckpointError, ConfigError, ParallelConfigError
 from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.lora.config import LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35.parallel_fit import check_parallel_fits
 from lora_trainer.qwen35.spec import Qwen35Spec
-from lora_trainer.qwen35.tiny import ensure_tiny_checkpoint, tiny_checkpoint_path
 from lora_trainer.training.checkpoints import is_complete_save, save_dir_name
 from lora_trainer.training.choices import LoggerKind, ModelDtype
 from lora_trainer.training.config import TrainConfig

@@ -2,7 +2,7 @@
 
 `ensure_tiny_checkpoint(kind, cache_dir)` builds a checkpoint once with transformers' own classes
 (`Qwen3_5MoeForCausalLM` / `Qwen3_5ForCausalLM`, `save_pretrained`), with the tiny tokenizer of
-`lora_trainer.data.tokenizer_builder` (chat template included) saved in the same directory, and
+`lora_trainer.demo.tokenizer` (chat template included) saved in the same directory, and
 returns it from the cache on later calls. The directory name carries a hash of the whole recipe
 (sizes, seed, tokenizer data, `RECIPE_VERSION`), so a changed recipe builds a new directory.
 
@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_trainer.data.tokenizer_builder import (
+from lora_trainer.demo.tokenizer import (
     TINY_SFT_PATH,
     build_tiny_tokenizer,
     tokenizer_recipe,
