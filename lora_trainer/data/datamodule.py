@@ -28,7 +28,6 @@ from lora_trainer.data.packing import PackedDataset, TokenizedRows, collate
 from lora_trainer.data.pipeline import mix, parse_sources, tokenize_source
 from lora_trainer.data.sampler import DPBatchSampler, eval_batches
 from lora_trainer.data.tokenize import TokenizeSettings, load_tokenizer
-from lora_trainer.demo.tokenizer import TINY_SFT_PATH
 from lora_trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -114,12 +113,18 @@ class SFTDataModule(LightningDataModule):
 
     @classmethod
     def from_config(
-        cls, data: Any, *, model_dir: str | Path, micro_batch_size: int, global_batch_size: int
+        cls,
+        data: Any,
+        *,
+        default_train_path: str | Path,
+        model_dir: str | Path,
+        micro_batch_size: int,
+        global_batch_size: int,
     ) -> SFTDataModule:
         """The data module of a run's `data` section (`lora_trainer.training.config.DataSection`);
-        a null `train_path` means the shipped tiny dataset."""
+        a null `train_path` reads `default_train_path`."""
         return cls(
-            data.train_path if data.train_path is not None else TINY_SFT_PATH,
+            data.train_path if data.train_path is not None else default_train_path,
             model_dir=model_dir,
             max_seq_len=data.max_seq_len,
             micro_batch_size=micro_batch_size,

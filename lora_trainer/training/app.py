@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from callbacks.checkpoint_export import CheckpointExportCallback
 from callbacks.step_progress import StepProgressBar
 from lora_trainer.data.datamodule import SFTDataModule
+from lora_trainer.demo.tokenizer import TINY_SFT_PATH
 from lora_trainer.export.background import complete_export, pending_exports
 from lora_trainer.training.checkpoints import is_complete_save, step_of
 from lora_trainer.training.config import TrainConfig
@@ -82,6 +83,7 @@ def train(config: TrainConfig, resolved: Any) -> None:
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     data = SFTDataModule.from_config(
         config.data,
+        default_train_path=TINY_SFT_PATH,
         model_dir=str(resolved.hf_path),
         micro_batch_size=config.trainer.micro_batch_size,
         global_batch_size=config.trainer.global_batch_size,

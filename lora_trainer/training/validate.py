@@ -297,6 +297,7 @@ def _check_data(config: TrainConfig, run: ResolvedRun) -> None:
     overlong samples with data.overlong=error and a missing chat template fail here."""
     data = SFTDataModule.from_config(
         config.data,
+        default_train_path=TINY_SFT_PATH,
         model_dir=run.hf_path,
         micro_batch_size=config.trainer.micro_batch_size,
         global_batch_size=config.trainer.global_batch_size,
