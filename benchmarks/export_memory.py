@@ -31,9 +31,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.export_check_scale import config, random_adapter, reset_peak, rss, shapes_of
-from lora_trainer.bridge.gather import merge_from_all_ranks
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
+from lora_trainer.parallel.collectives import merge_from_all_ranks
 
 WORLD = 2
 

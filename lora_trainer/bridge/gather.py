@@ -7,37 +7,15 @@ streams base tensors from disk instead of gathering the model.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TypeVar
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
-from lora_trainer.bridge.loader import group_rank_size, model_mapping
+from lora_trainer.bridge.loader import model_mapping
 from lora_trainer.bridge.mapping import ExpertLayout, ParamMapping
 from lora_trainer.bridge.transforms import HFRef
+from lora_trainer.parallel.collectives import gather_shards, merge_from_all_ranks
+from lora_trainer.parallel.groups import group_rank_size
 from lora_trainer.qwen35.model import Qwen35Model
-
-Key = TypeVar("Key")
-Value = TypeVar("Value")
-
-
-def _group(name: str) -> dist.ProcessGroup | None:
-    if name == "tp":
-        return parallel_state.get_tensor_model_parallel_group()
-    if name == "etp":
-        return parallel_state.get_expert_tensor_parallel_group()
-    return None
-
-
-def gather_shards(tensor: torch.Tensor, group_name: str) -> list[torch.Tensor]:
-    """All shards of `tensor` over the group that splits it, in rank order."""
-    _, size = group_rank_size(group_name)
-    if size == 1:
-        return [tensor.detach()]
-    shards = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(shards, tensor.detach().contiguous(), group=_group(group_name))
-    return shards
 
 
 def gather_mapped(
@@ -77,15 +55,3 @@ def gather_hf_state_dict(
     mappings = model_mapping(model, expert_layout)
     local = gather_mapped(dict(model.named_parameters()), mappings)
     return assemble_hf_names(merge_from_all_ranks({ref: t.cpu() for ref, t in local.items()}))
-
-
-def merge_from_all_ranks(local: dict[Key, Value]) -> dict[Key, Value]:
-    """The union of every rank's dict (picklable, on CPU), on every rank. Collective."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return local
-    everyone: list[dict[Key, Value] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, local)
-    merged: dict[Key, Value] = {}
-    for part in everyone:
-        merged.update(part or {})
-    return merged

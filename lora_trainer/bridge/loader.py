@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
 
 from lora_trainer.bridge.mapping import (
     ExpertLayout,
@@ -22,6 +21,7 @@ from lora_trainer.bridge.mapping import (
 from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.bridge.transforms import HFRef
 from lora_trainer.errors import CheckpointError
+from lora_trainer.parallel.groups import group_rank_size, local_expert_range
 from lora_trainer.qwen35.model import Qwen35Model
 
 log = logging.getLogger(__name__)
@@ -49,16 +49,6 @@ def detect_expert_layout(reader: CheckpointReader) -> ExpertLayout:
     )
 
 
-def local_expert_range(num_experts: int) -> range:
-    """Global indices of the routed experts held by this expert-parallel rank."""
-    if num_experts == 0:
-        return range(0)
-    ep_size = parallel_state.get_expert_model_parallel_world_size()
-    per_rank = num_experts // ep_size
-    start = parallel_state.get_expert_model_parallel_rank() * per_rank
-    return range(start, start + per_rank)
-
-
 def model_mapping(model: Qwen35Model, expert_layout: ExpertLayout) -> list[ParamMapping]:
     """The mapping of every parameter `model` (this rank's stage) holds."""
     return build_mapping(
@@ -69,21 +59,6 @@ def model_mapping(model: Qwen35Model, expert_layout: ExpertLayout) -> list[Param
         local_experts=local_expert_range(model.spec.num_experts),
         expert_layout=expert_layout,
     )
-
-
-def group_rank_size(group: str) -> tuple[int, int]:
-    """This rank's index and the size of the group that splits a parameter."""
-    if group == "tp":
-        return (
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_world_size(),
-        )
-    if group == "etp":
-        return (
-            parallel_state.get_expert_tensor_parallel_rank(),
-            parallel_state.get_expert_tensor_parallel_world_size(),
-        )
-    return 0, 1
 
 
 def _check_tensors(reader: CheckpointReader, mappings: list[ParamMapping], path: Path) -> None:

@@ -27,9 +27,9 @@ from lora_trainer.bridge.transforms import (
     SplitBlocks,
     Transform,
 )
+from lora_trainer.parallel.groups import SplitGroup
 from lora_trainer.qwen35.spec import Qwen35Spec
 
-SplitGroup = Literal["tp", "etp", "none"]
 ExpertLayout = Literal["packed", "per_expert"]
 
 

@@ -35,15 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = ".cache/data"
 
 
-def megatron_data_parallel() -> tuple[int, int] | None:
-    """`(dp_rank, dp_size)` from megatron's `parallel_state`, or None when it is not initialized."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-
-
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a `DPBatchSampler` whose state is the sampler's.
 
@@ -148,7 +139,9 @@ class SFTDataModule(LightningDataModule):
 
     def data_parallel(self) -> tuple[int, int]:
         """`(dp_rank, dp_size)`: as set, else from megatron's parallel_state, else `(0, 1)`."""
-        return self._dp or megatron_data_parallel() or (0, 1)
+        from lora_trainer.parallel.groups import data_parallel_rank_size
+
+        return self._dp or data_parallel_rank_size() or (0, 1)
 
     def samples(self, key: str, announce: bool = False) -> Any:
         """The tokenized (cached) and mixed samples of `data.train_path` or `data.val_path`.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from lora_trainer.errors import ExportError, PeerExportError
+from lora_trainer.parallel.collectives import all_gather_objects
 
 # (message, is a consequence of another rank's failure) or None
 _Report = tuple[str, bool] | None
@@ -23,12 +24,8 @@ def raise_on_every_rank(failure: BaseException | None) -> None:
     report: _Report = (
         None if failure is None else (_message(failure), isinstance(failure, PeerExportError))
     )
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        reports: list[_Report] = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, report)
-        rank = dist.get_rank()
-    else:
-        reports, rank = [report], 0
+    reports = all_gather_objects(report)
+    rank = dist.get_rank() if len(reports) > 1 else 0
     failed = [(index, item) for index, item in enumerate(reports) if item is not None]
     if not failed:
         return

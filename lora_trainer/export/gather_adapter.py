@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from lora_trainer.bridge.gather import gather_shards, merge_from_all_ranks
-from lora_trainer.bridge.loader import group_rank_size
 from lora_trainer.export.hf_lora import (
     DistributedAdapter,
     HFAdapter,
@@ -25,6 +23,8 @@ from lora_trainer.lora.config import LoraConfig
 from lora_trainer.lora.experts import Adapter, ExpertLoraView, linear_adapters
 from lora_trainer.lora.layers import LoraLinear
 from lora_trainer.lora.layout import shard_positions
+from lora_trainer.parallel.collectives import gather_shards, merge_from_all_ranks
+from lora_trainer.parallel.groups import group_rank_size
 from lora_trainer.qwen35.spec import Qwen35Spec
 
 

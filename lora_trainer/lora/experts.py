@@ -15,11 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lora_trainer.bridge.loader import group_rank_size
 from lora_trainer.bridge.transforms import Transform
 from lora_trainer.kernels.grouped_gemm import grouped_linear
 from lora_trainer.lora.layers import LoraLinear, copy_full_factors, seeded_kaiming
 from lora_trainer.lora.layout import inverse_order, shard_positions, span_rows, target_spans
+from lora_trainer.parallel.groups import SplitGroup, group_rank_size
 from lora_trainer.qwen35.experts import GroupedLinear
 
 
@@ -45,7 +45,7 @@ class GroupedLoraLinear(nn.Module):
         self.names = list(names)
         self.transforms = list(transforms)
         self.kind = base.kind
-        self.group = "etp"
+        self.group: SplitGroup = "etp"
         self.r = r
         self.scale = scale
         rank_in_group, self.group_size = group_rank_size(self.group)

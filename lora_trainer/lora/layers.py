@@ -25,8 +25,6 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
-from lora_trainer.bridge.loader import group_rank_size
-from lora_trainer.bridge.mapping import SplitGroup
 from lora_trainer.bridge.transforms import Transform
 from lora_trainer.lora.layout import (
     TargetSpan,
@@ -35,6 +33,7 @@ from lora_trainer.lora.layout import (
     span_rows,
     target_spans,
 )
+from lora_trainer.parallel.groups import SplitGroup, group_rank_size
 
 if TYPE_CHECKING:
     from lora_trainer.lora.experts import ExpertLoraView

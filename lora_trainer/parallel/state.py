@@ -1,4 +1,6 @@
-"""Process group, megatron-core model-parallel state and RNG seeding from a `ParallelConfig`."""
+"""Process group, megatron-core model-parallel state and RNG seeding from a `ParallelConfig`:
+set up (`initialize_parallel`) and torn down (`destroy_parallel`). `parallel.groups` then says
+where this rank sits in the groups, `parallel.collectives` communicates over them."""
 
 from __future__ import annotations
 
@@ -94,13 +96,17 @@ def _device_for(local_rank: int) -> torch.device:
     return device
 
 
+def process_group_backend() -> str:
+    """The backend of the default process group: NCCL with CUDA, gloo without."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def _init_process_group(rank: int, world_size: int, timeout: timedelta) -> None:
-    """Start the default process group: NCCL with CUDA, gloo without.
+    """Start the default process group on `process_group_backend()`.
 
     With a launcher's environment it rendezvouses through MASTER_ADDR/MASTER_PORT; a single
     process without one uses a free port on 127.0.0.1.
     """
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         init_method = "env://"
     elif world_size == 1:
@@ -110,7 +116,11 @@ def _init_process_group(rank: int, world_size: int, timeout: timedelta) -> None:
             f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT in the environment"
         )
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
+        process_group_backend(),
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
     )
 
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
+from lora_trainer.parallel.groups import group_rank_size
 from lora_trainer.training.config import OptimSection
 
 
@@ -37,9 +38,8 @@ def _counted_here(param: nn.Parameter, expert: bool) -> bool:
     """A replicated factor is counted on the first rank of the group that replicates it."""
     if getattr(param, "tensor_model_parallel", False):
         return True
-    if expert:
-        return parallel_state.get_expert_tensor_parallel_rank() == 0
-    return parallel_state.get_tensor_model_parallel_rank() == 0
+    rank_in_group, _ = group_rank_size("etp" if expert else "tp")
+    return rank_in_group == 0
 
 
 def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:

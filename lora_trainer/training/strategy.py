@@ -9,13 +9,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.strategies import DDPStrategy
 from megatron.core import parallel_state
 
 from lora_trainer.errors import CheckpointError
 from lora_trainer.parallel.config import ParallelConfig
-from lora_trainer.parallel.state import initialize_parallel
+from lora_trainer.parallel.state import initialize_parallel, process_group_backend
 from lora_trainer.training.checkpoints import (
     STATE_FILE,
     load_rank_state,
@@ -32,8 +31,7 @@ class MegatronStrategy(DDPStrategy):
         save_settings: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        super().__init__(process_group_backend=backend, **kwargs)
+        super().__init__(process_group_backend=process_group_backend(), **kwargs)
         self.parallel = parallel
         self.seed = seed
         self.save_settings = save_settings or {}
