@@ -23,15 +23,17 @@ def random_full_factors(adapter: Any, seed: int) -> tuple[torch.Tensor, torch.Te
     canonical style's per-target adapters share one A, so fused and canonical encode one delta."""
     generator = torch.Generator().manual_seed(seed + zlib.crc32(adapter.name.encode()))
     full_in = (
-        adapter.lora_A.shape[2] if adapter.kind == "column" else sum(s.size for s in adapter.spans)
+        adapter.lora_A.shape[2]
+        if adapter.parallel_kind == "column"
+        else sum(s.size for s in adapter.spans)
     )
     full_out = (
         sum(s.size for s in adapter.spans)
-        if adapter.kind == "column"
+        if adapter.parallel_kind == "column"
         else adapter.lora_B[0].shape[0]
     )
     a = (torch.randn(1, adapter.r, full_in, generator=generator) / full_in**0.5).expand(
-        adapter.adapters, -1, -1
+        adapter.num_adapters, -1, -1
     )
     b = 0.2 * torch.randn(full_out, adapter.r, generator=generator) / adapter.r**0.5
     return a, b

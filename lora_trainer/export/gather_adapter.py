@@ -46,7 +46,7 @@ def full_factors(adapter: LoraLinear | ExpertLoraView) -> tuple[torch.Tensor, to
     """a [adapters, r, in_full], b [out_full, r] (rows in target-concatenation order), on every
     rank of the adapter's group."""
     a, b_local = adapter.lora_A.detach(), adapter.local_b_fused_order().detach()
-    if adapter.kind == "column":
+    if adapter.parallel_kind == "column":
         return a, _unshard(gather_shards(b_local, adapter.group), adapter, 0)
     return _unshard(gather_shards(a, adapter.group), adapter, 2), b_local
 
@@ -77,7 +77,7 @@ def local_hf_factors(adapters: list[Adapter], spec: Qwen35Spec) -> LocalFactors:
             a = a_full[index if a_full.shape[0] > 1 else 0]
             b = (
                 b_full[span.offset : span.offset + span.size]
-                if adapter.kind == "column"
+                if adapter.parallel_kind == "column"
                 else b_full
             )
             key = (_hf_module(span.ref.name, spec.text_prefix), span.ref.expert)

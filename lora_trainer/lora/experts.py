@@ -44,36 +44,40 @@ class GroupedLoraLinear(nn.Module):
         self.base = base
         self.names = list(names)
         self.transforms = list(transforms)
-        self.kind = base.kind
+        self.parallel_kind = base.parallel_kind
         self.group: SplitGroup = "etp"
         self.r = r
         self.scale = scale
         rank_in_group, self.group_size = group_rank_size(self.group)
-        split_dim = 0 if self.kind == "column" else 1
+        split_dim = 0 if self.parallel_kind == "column" else 1
         self.expert_spans = [target_spans(t, split_dim) for t in self.transforms]
         spans = self.expert_spans[0]
         # Every expert's weight has the same shape, so one map of row positions serves them all.
         positions = shard_positions(self.transforms[0], rank_in_group, self.group_size, split_dim)
         device = base.weight.device
         self.register_buffer("positions", positions.to(device), persistent=False)
-        self.adapters = len(spans) if canonical and self.kind == "column" else 1
-        full_in = sum(span.size for span in spans) if self.kind == "row" else base.weight.shape[2]
+        self.num_adapters = len(spans) if canonical and self.parallel_kind == "column" else 1
+        full_in = (
+            sum(span.size for span in spans)
+            if self.parallel_kind == "row"
+            else base.weight.shape[2]
+        )
         a_full = torch.stack(
-            [seeded_kaiming((self.adapters, r, full_in), seed, name) for name in self.names]
+            [seeded_kaiming((self.num_adapters, r, full_in), seed, name) for name in self.names]
         )
         self.lora_A = nn.Parameter(
-            (a_full if self.kind == "column" else a_full[..., positions]).to(device)
+            (a_full if self.parallel_kind == "column" else a_full[..., positions]).to(device)
         )
         experts, out_local = base.weight.shape[:2]
         rows = (
             [out_local]
-            if self.adapters == 1
+            if self.num_adapters == 1
             else [len(span_rows(positions, span)) for span in spans]
         )
         self.lora_B = nn.ParameterList(
             nn.Parameter(torch.zeros(experts, n, r, device=device)) for n in rows
         )
-        if self.adapters > 1:
+        if self.num_adapters > 1:
             cat_order = torch.cat([span_rows(positions, span) for span in spans])
             self.register_buffer(
                 "perm", inverse_order(cat_order, positions).to(device), persistent=False
@@ -83,10 +87,10 @@ class GroupedLoraLinear(nn.Module):
     def _mark_parallel_attributes(self) -> None:
         """Expert factors are reduced over the expert data-parallel group (`allreduce=False`); the
         factor split by expert tensor parallelism says so for the grad-norm code."""
-        split = list(self.lora_B) if self.kind == "column" else [self.lora_A]
+        split = list(self.lora_B) if self.parallel_kind == "column" else [self.lora_A]
         for param in split:
             param.tensor_model_parallel = self.group_size > 1
-            param.partition_dim = 1 if self.kind == "column" else 3
+            param.partition_dim = 1 if self.parallel_kind == "column" else 3
             param.partition_stride = 1
         for param in [self.lora_A, *self.lora_B]:
             param.allreduce = False
@@ -94,9 +98,9 @@ class GroupedLoraLinear(nn.Module):
     def delta(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """scale * B_e A_e x per expert, in x's dtype (fp32 factors are cast on use)."""
         experts = self.lora_A.shape[0]
-        a = self.lora_A.reshape(experts, self.adapters * self.r, -1).to(x.dtype)
+        a = self.lora_A.reshape(experts, self.num_adapters * self.r, -1).to(x.dtype)
         h = grouped_linear(x, a, offs)
-        if self.adapters == 1:
+        if self.num_adapters == 1:
             return self.scale * grouped_linear(h, self.lora_B[0].to(x.dtype), offs)
         parts = [
             grouped_linear(h_i, b.to(x.dtype), offs)
@@ -122,10 +126,10 @@ class ExpertLoraView:
         self.name = grouped.names[index]
         self.transform = grouped.transforms[index]
         self.spans = grouped.expert_spans[index]
-        self.kind = grouped.kind
+        self.parallel_kind = grouped.parallel_kind
         self.group = grouped.group
         self.r = grouped.r
-        self.adapters = grouped.adapters
+        self.num_adapters = grouped.num_adapters
         self.positions = grouped.positions
 
     @property
@@ -138,7 +142,7 @@ class ExpertLoraView:
 
     def local_b_fused_order(self) -> torch.Tensor:
         """This rank's B rows in the order of its shard of the fused weight."""
-        if self.adapters == 1:
+        if self.num_adapters == 1:
             return self.lora_B[0]
         return torch.cat(self.lora_B, dim=0)[self.grouped.perm]
 

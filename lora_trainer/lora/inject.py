@@ -59,7 +59,7 @@ def inject_lora(model: Qwen35Model, config: LoraConfig) -> list[Adapter]:
             adapter = LoraLinear(
                 base,
                 name=adapter_identity(mapping.transform),
-                kind="column" if isinstance(base, ColumnParallelLinear) else "row",
+                parallel_kind="column" if isinstance(base, ColumnParallelLinear) else "row",
                 transform=mapping.transform,
                 group=mapping.group,
                 r=config.r,

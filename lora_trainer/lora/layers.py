@@ -60,7 +60,7 @@ class LoraLinear(nn.Module):
         base: nn.Module,
         *,
         name: str,
-        kind: ParallelKind,
+        parallel_kind: ParallelKind,
         transform: Transform,
         group: SplitGroup,
         r: int,
@@ -72,7 +72,7 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.name = name
-        self.kind = kind
+        self.parallel_kind = parallel_kind
         self.transform = transform
         self.group = group
         rank_in_group, self.group_size = group_rank_size(group)
@@ -80,29 +80,33 @@ class LoraLinear(nn.Module):
         self.scale = scale
         self.is_expert = group == "etp"
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        split_dim = 0 if kind == "column" else 1
+        split_dim = 0 if parallel_kind == "column" else 1
         self.spans: list[TargetSpan] = target_spans(transform, split_dim)
         positions = shard_positions(transform, rank_in_group, self.group_size, split_dim)
         self.register_buffer("positions", positions.to(base.weight.device), persistent=False)
-        self.adapters = len(self.spans) if canonical and kind == "column" else 1
+        self.num_adapters = len(self.spans) if canonical and parallel_kind == "column" else 1
         device = base.weight.device
-        full_in = sum(span.size for span in self.spans) if kind == "row" else base.weight.shape[1]
-        a_full = seeded_kaiming((self.adapters, r, full_in), seed, name)
+        full_in = (
+            sum(span.size for span in self.spans)
+            if parallel_kind == "row"
+            else base.weight.shape[1]
+        )
+        a_full = seeded_kaiming((self.num_adapters, r, full_in), seed, name)
         self.lora_A = nn.Parameter(
-            (a_full if kind == "column" else a_full[:, :, positions]).to(device)
+            (a_full if parallel_kind == "column" else a_full[:, :, positions]).to(device)
         )
         self.lora_B = nn.ParameterList(
             nn.Parameter(torch.zeros(rows, r, device=device)) for rows in self._local_rows()
         )
-        if self.adapters > 1:
+        if self.num_adapters > 1:
             cat_order = torch.cat([span_rows(self.positions, span) for span in self.spans])
             self.register_buffer("perm", inverse_order(cat_order, self.positions), persistent=False)
         self._mark_parallel_attributes()
 
     def _local_rows(self) -> list[int]:
-        if self.kind == "row":
+        if self.parallel_kind == "row":
             return [self.base.weight.shape[0]]
-        if self.adapters == 1:
+        if self.num_adapters == 1:
             return [self.base.weight.shape[0]]
         return [len(span_rows(self.positions, span)) for span in self.spans]
 
@@ -112,11 +116,13 @@ class LoraLinear(nn.Module):
             bool(getattr(self.base, "sequence_parallel", False)) and not self.is_expert
         )
         split, replicated = (
-            (self.lora_B, [self.lora_A]) if self.kind == "column" else ([self.lora_A], self.lora_B)
+            (self.lora_B, [self.lora_A])
+            if self.parallel_kind == "column"
+            else ([self.lora_A], self.lora_B)
         )
         for param in split:
             param.tensor_model_parallel = self.group_size > 1
-            param.partition_dim = 0 if self.kind == "column" else 2
+            param.partition_dim = 0 if self.parallel_kind == "column" else 2
             param.partition_stride = 1
         for param in replicated:
             param.sequence_parallel = sequence_parallel
@@ -128,7 +134,7 @@ class LoraLinear(nn.Module):
         if self.is_expert or getattr(base, "explicit_expert_comm", False) or self.group_size == 1:
             return h
         group = base.tp_group
-        if self.kind == "column":
+        if self.parallel_kind == "column":
             if base.sequence_parallel:
                 return gather_from_sequence_parallel_region(h, group=group)
             return copy_to_tensor_model_parallel_region(h, group=group)
@@ -139,9 +145,11 @@ class LoraLinear(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scale * B @ A x for this rank's part of the output, computed in x's dtype (the factors
         are kept in fp32 and cast on use, so bf16 training keeps fp32 master factors)."""
-        h = F.linear(self.dropout(x), self.lora_A.reshape(self.adapters * self.r, -1).to(x.dtype))
+        h = F.linear(
+            self.dropout(x), self.lora_A.reshape(self.num_adapters * self.r, -1).to(x.dtype)
+        )
         h = self._communicate(h)
-        if self.adapters == 1:
+        if self.num_adapters == 1:
             return self.scale * F.linear(h, self.lora_B[0].to(h.dtype))
         parts = [
             F.linear(h_i, b.to(h.dtype)) for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B)
@@ -156,7 +164,7 @@ class LoraLinear(nn.Module):
 
     def local_b_fused_order(self) -> torch.Tensor:
         """This rank's B rows in the order of its shard of the fused weight."""
-        if self.adapters == 1:
+        if self.num_adapters == 1:
             return self.lora_B[0]
         return torch.cat(list(self.lora_B), dim=0)[self.perm]
 
@@ -174,11 +182,11 @@ def copy_full_factors(
     a_full, b_full = a_full.to(adapter.lora_A.device), b_full.to(adapter.lora_A.device)
     with torch.no_grad():
         adapter.lora_A.copy_(
-            a_full if adapter.kind == "column" else a_full[:, :, adapter.positions]
+            a_full if adapter.parallel_kind == "column" else a_full[:, :, adapter.positions]
         )
-        if adapter.kind == "row":
+        if adapter.parallel_kind == "row":
             adapter.lora_B[0].copy_(b_full)
-        elif adapter.adapters == 1:
+        elif adapter.num_adapters == 1:
             adapter.lora_B[0].copy_(b_full[adapter.positions])
         else:
             for span, b in zip(adapter.spans, adapter.lora_B):

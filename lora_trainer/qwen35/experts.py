@@ -26,8 +26,8 @@ from lora_trainer.kernels.grouped_gemm import grouped_backend, grouped_linear
 
 class GroupedLinear(nn.Module):
     """One projection of every local expert: [T, in] -> [T, out] with rows grouped by expert.
-    `kind` says how expert tensor parallelism splits it: `column` on the output, `row` on the
-    input."""
+    `parallel_kind` says how expert tensor parallelism splits it: `column` on the output, `row`
+    on the input."""
 
     def __init__(
         self,
@@ -35,10 +35,10 @@ class GroupedLinear(nn.Module):
         in_features: int,
         out_features: int,
         config: TransformerConfig,
-        kind: Literal["column", "row"],
+        parallel_kind: Literal["column", "row"],
     ) -> None:
         super().__init__()
-        self.kind = kind
+        self.parallel_kind = parallel_kind
         device = torch.cuda.current_device() if not config.use_cpu_initialization else "cpu"
         self.weight = nn.Parameter(
             torch.empty(
