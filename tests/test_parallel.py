@@ -41,7 +41,17 @@ from megatron.core.transformer.spec_utils import build_module
 
 from lora_trainer.errors import ParallelConfigError
 from lora_trainer.parallel import cpu_compat
+from lora_trainer.parallel.collectives import (
+    all_gather_objects,
+    gather_shards,
+    merge_from_all_ranks,
+)
 from lora_trainer.parallel.config import ParallelConfig
+from lora_trainer.parallel.groups import (
+    data_parallel_rank_size,
+    group_rank_size,
+    local_expert_range,
+)
 from lora_trainer.parallel.state import ParallelInfo, destroy_parallel, initialize_parallel
 from tests.multirank import run_multirank
 
@@ -114,6 +124,18 @@ def _seq_slice(length: int, sp: bool) -> slice:
     chunk = length // tp_size
     start = parallel_state.get_tensor_model_parallel_rank() * chunk
     return slice(start, start + chunk)
+
+
+def _groups_and_collectives(rank: int) -> dict[str, Any]:
+    """What `parallel.groups` and `parallel.collectives` answer on this rank."""
+    return {
+        "rank_size": {group: group_rank_size(group) for group in ("tp", "etp", "none")},
+        "tp_shards": [s.tolist() for s in gather_shards(torch.full((2,), float(rank)), "tp")],
+        "objects": all_gather_objects(f"rank {rank}"),
+        "merged": merge_from_all_ranks({f"from {rank}": rank, "shared": rank}),
+        "experts": local_expert_range(4),
+        "dp": data_parallel_rank_size(),
+    }
 
 
 # ---- the multi-rank helper itself -------------------------------------------------------------
@@ -336,6 +358,7 @@ def _tp2_run(rank: int, world_size: int) -> dict[str, Any]:
             "compat_idempotent": _compat_idempotent(),
             "uneven_gather": _uneven_gather_errors(),
             "moe_etp2_sp": _moe_errors(seq=6, sp=True),
+            "groups": _groups_and_collectives(rank),
         }
     finally:
         destroy_parallel()
@@ -354,6 +377,14 @@ def test_tp2_layers_rng_clip_moe() -> None:
         assert res["broadcast"] and res["compat_idempotent"]
         for key in ("linear_sp_off", "linear_sp_on", "uneven_gather", "moe_etp2_sp"):
             assert max(res[key].values()) < TOL, (key, res[key])
+        assert res["groups"] == {
+            "rank_size": {"tp": (rank, 2), "etp": (rank, 2), "none": (0, 1)},
+            "tp_shards": [[0.0, 0.0], [1.0, 1.0]],
+            "objects": ["rank 0", "rank 1"],
+            "merged": {"from 0": 0, "from 1": 1, "shared": 1},
+            "experts": range(4),
+            "dp": (0, 1),
+        }
 
 
 # ---- MoE: megatron MoELayer vs a plain-torch reference ------------------------------------------
@@ -487,7 +518,11 @@ def _ep2_run(rank: int, world_size: int) -> dict[str, Any]:
     """Rank body of the ep=2 layout."""
     info = initialize_parallel(ParallelConfig(ep=2), seed=SEED)
     try:
-        return {"info": info, "moe": _moe_errors(seq=6, sp=False)}
+        return {
+            "info": info,
+            "moe": _moe_errors(seq=6, sp=False),
+            "groups": _groups_and_collectives(rank),
+        }
     finally:
         destroy_parallel()
 
@@ -499,6 +534,14 @@ def test_ep2_moe_alltoall() -> None:
         assert (info.ep_rank, info.ep_size, info.tp_size, info.dp_size) == (rank, 2, 1, 2)
         assert (info.expert_dp_size, info.etp_size) == (1, 1)
         assert max(res["moe"].values()) < TOL, res["moe"]
+        assert res["groups"] == {
+            "rank_size": {"tp": (0, 1), "etp": (0, 1), "none": (0, 1)},
+            "tp_shards": [[float(rank)] * 2],
+            "objects": ["rank 0", "rank 1"],
+            "merged": {"from 0": 0, "from 1": 1, "shared": 1},
+            "experts": range(2 * rank, 2 * rank + 2),
+            "dp": (rank, 2),
+        }
 
 
 # ---- pp=2: 1F1B through get_forward_backward_func; then a world of one -----------------------
