@@ -30,7 +30,8 @@ _PACKED_EXPERTS = re.compile(r"\.mlp\.experts\.gate_up_proj$")
 
 
 class CheckpointSource:
-    """`SliceSource` over a checkpoint on disk; an expert ref reads one expert of a packed tensor."""
+    """`SliceSource` over a checkpoint on disk; an expert ref reads one expert of a packed
+    tensor."""
 
     def __init__(self, reader: CheckpointReader) -> None:
         self.reader = reader
@@ -93,7 +94,8 @@ def _check_no_unknown_tensors(
     if unknown:
         raise CheckpointError(
             f"{path}: {len(unknown)} text-model tensors are not part of a Qwen3.5 model with this "
-            f"config.json, e.g. {unknown[:3]}; check model_type and the layer settings in config.json"
+            f"config.json, e.g. {unknown[:3]}; check model_type and the layer settings in "
+            "config.json"
         )
 
 
@@ -135,8 +137,8 @@ def load_hf_checkpoint(model: Qwen35Model, path: str | Path) -> ExpertLayout:
             value = mapping.transform.shard(source, rank, size)
             if value.shape != param.shape:
                 raise CheckpointError(
-                    f"{path}: {mapping.megatron_name} expects a shard of shape {list(param.shape)}, "
-                    f"the checkpoint gives {list(value.shape)}"
+                    f"{path}: {mapping.megatron_name} expects a shard of shape "
+                    f"{list(param.shape)}, the checkpoint gives {list(value.shape)}"
                 )
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))

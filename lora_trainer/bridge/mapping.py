@@ -55,7 +55,8 @@ class ParamMapping:
     expert_slot: int | None = None
 
     def local_tensor(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """This mapping's tensor among a rank's parameters (one expert's slice for routed experts)."""
+        """This mapping's tensor among a rank's parameters (one expert's slice for routed
+        experts)."""
         tensor = tensors[self.megatron_name]
         return tensor if self.expert_slot is None else tensor[self.expert_slot]
 

@@ -42,13 +42,19 @@ class ResumableDataLoader(DataLoader):
     state, so a mid-epoch resume also works when the loader is passed without the datamodule.
     """
 
+    def __init__(
+        self, dataset: PackedDataset, batch_sampler: DPBatchSampler, **kwargs: Any
+    ) -> None:
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self.dp_sampler = batch_sampler
+
     def state_dict(self) -> dict[str, Any]:
         """The batch sampler's `state_dict()`."""
-        return self.batch_sampler.state_dict()
+        return self.dp_sampler.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the batch sampler's state."""
-        self.batch_sampler.load_state_dict(state_dict)
+        self.dp_sampler.load_state_dict(state_dict)
 
 
 class SFTDataModule(LightningDataModule):

@@ -187,7 +187,7 @@ def tokenizer_recipe() -> str:
 
 def _training_texts(data_path: Path) -> list[str]:
     """Every message of a chat JSONL file as ``role\ncontent``, the texts BPE merges learn from."""
-    texts = []
+    texts: list[str] = []
     for line in data_path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             messages = json.loads(line)["messages"]

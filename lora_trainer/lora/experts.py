@@ -19,6 +19,7 @@ from lora_trainer.bridge.transforms import Transform
 from lora_trainer.kernels.grouped_gemm import grouped_linear
 from lora_trainer.lora.layers import LoraLinear, copy_full_factors, seeded_kaiming
 from lora_trainer.lora.layout import inverse_order, shard_positions, span_rows, target_spans
+from lora_trainer.parallel.attributes import set_parallel_attributes
 from lora_trainer.parallel.groups import SplitGroup, group_rank_size
 from lora_trainer.qwen35.experts import GroupedLinear
 
@@ -28,6 +29,9 @@ class GroupedLoraLinear(nn.Module):
 
     `names[e]` and `transforms[e]` are local expert e's adapter identity and base-weight transform;
     lora_A is [E_local, adapters, r, in_local], lora_B one [E_local, rows, r] per adapter."""
+
+    positions: torch.Tensor
+    perm: torch.Tensor
 
     def __init__(
         self,
@@ -89,11 +93,14 @@ class GroupedLoraLinear(nn.Module):
         factor split by expert tensor parallelism says so for the grad-norm code."""
         split = list(self.lora_B) if self.parallel_kind == "column" else [self.lora_A]
         for param in split:
-            param.tensor_model_parallel = self.group_size > 1
-            param.partition_dim = 1 if self.parallel_kind == "column" else 3
-            param.partition_stride = 1
+            set_parallel_attributes(
+                param,
+                tensor_model_parallel=self.group_size > 1,
+                partition_dim=1 if self.parallel_kind == "column" else 3,
+                partition_stride=1,
+            )
         for param in [self.lora_A, *self.lora_B]:
-            param.allreduce = False
+            set_parallel_attributes(param, allreduce=False)
 
     def delta(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """scale * B_e A_e x per expert, in x's dtype (fp32 factors are cast on use)."""
@@ -104,7 +111,7 @@ class GroupedLoraLinear(nn.Module):
             return self.scale * grouped_linear(h, self.lora_B[0].to(x.dtype), offs)
         parts = [
             grouped_linear(h_i, b.to(x.dtype), offs)
-            for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B)
+            for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B, strict=True)
         ]
         return self.scale * torch.cat(parts, dim=-1)[..., self.perm]
 

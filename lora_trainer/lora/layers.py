@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from lora_trainer.lora.layout import (
     span_rows,
     target_spans,
 )
+from lora_trainer.parallel.attributes import set_parallel_attributes
 from lora_trainer.parallel.groups import SplitGroup, group_rank_size
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ class LoraLinear(nn.Module):
     """`base(x) + scale * B @ A x` for one megatron linear, with one adapter per target in the
     canonical style or one over the whole fused weight in the fused style. `name` identifies the
     adapter independently of the parallel layout and keys its initialisation."""
+
+    positions: torch.Tensor
+    perm: torch.Tensor
 
     def __init__(
         self,
@@ -82,32 +86,32 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         split_dim = 0 if parallel_kind == "column" else 1
         self.spans: list[TargetSpan] = target_spans(transform, split_dim)
+        weight = cast(torch.Tensor, base.weight)
+        device = weight.device
         positions = shard_positions(transform, rank_in_group, self.group_size, split_dim)
-        self.register_buffer("positions", positions.to(base.weight.device), persistent=False)
+        self.register_buffer("positions", positions.to(device), persistent=False)
         self.num_adapters = len(self.spans) if canonical and parallel_kind == "column" else 1
-        device = base.weight.device
         full_in = (
-            sum(span.size for span in self.spans)
-            if parallel_kind == "row"
-            else base.weight.shape[1]
+            sum(span.size for span in self.spans) if parallel_kind == "row" else weight.shape[1]
         )
         a_full = seeded_kaiming((self.num_adapters, r, full_in), seed, name)
         self.lora_A = nn.Parameter(
             (a_full if parallel_kind == "column" else a_full[:, :, positions]).to(device)
         )
         self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(rows, r, device=device)) for rows in self._local_rows()
+            nn.Parameter(torch.zeros(rows, r, device=device))
+            for rows in self._local_rows(weight.shape[0])
         )
         if self.num_adapters > 1:
             cat_order = torch.cat([span_rows(self.positions, span) for span in self.spans])
             self.register_buffer("perm", inverse_order(cat_order, self.positions), persistent=False)
         self._mark_parallel_attributes()
 
-    def _local_rows(self) -> list[int]:
-        if self.parallel_kind == "row":
-            return [self.base.weight.shape[0]]
-        if self.num_adapters == 1:
-            return [self.base.weight.shape[0]]
+    def _local_rows(self, out_local: int) -> list[int]:
+        """The rows of each lora_B on this rank, whose shard of the base weight has `out_local`
+        output rows."""
+        if self.parallel_kind == "row" or self.num_adapters == 1:
+            return [out_local]
         return [len(span_rows(self.positions, span)) for span in self.spans]
 
     def _mark_parallel_attributes(self) -> None:
@@ -121,13 +125,16 @@ class LoraLinear(nn.Module):
             else ([self.lora_A], self.lora_B)
         )
         for param in split:
-            param.tensor_model_parallel = self.group_size > 1
-            param.partition_dim = 0 if self.parallel_kind == "column" else 2
-            param.partition_stride = 1
+            set_parallel_attributes(
+                param,
+                tensor_model_parallel=self.group_size > 1,
+                partition_dim=0 if self.parallel_kind == "column" else 2,
+                partition_stride=1,
+            )
         for param in replicated:
-            param.sequence_parallel = sequence_parallel
+            set_parallel_attributes(param, sequence_parallel=sequence_parallel)
         for param in [self.lora_A, *self.lora_B]:
-            param.allreduce = not self.is_expert
+            set_parallel_attributes(param, allreduce=not self.is_expert)
 
     def _communicate(self, h: torch.Tensor) -> torch.Tensor:
         base = self.base
@@ -152,7 +159,8 @@ class LoraLinear(nn.Module):
         if self.num_adapters == 1:
             return self.scale * F.linear(h, self.lora_B[0].to(h.dtype))
         parts = [
-            F.linear(h_i, b.to(h.dtype)) for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B)
+            F.linear(h_i, b.to(h.dtype))
+            for h_i, b in zip(h.split(self.r, dim=-1), self.lora_B, strict=True)
         ]
         return self.scale * torch.cat(parts, dim=-1)[..., self.perm]
 
@@ -189,5 +197,5 @@ def copy_full_factors(
         elif adapter.num_adapters == 1:
             adapter.lora_B[0].copy_(b_full[adapter.positions])
         else:
-            for span, b in zip(adapter.spans, adapter.lora_B):
+            for span, b in zip(adapter.spans, adapter.lora_B, strict=True):
                 b.copy_(b_full[span_rows(adapter.positions, span)])

@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from lora_trainer.kernels.grouped_gemm import grouped_backend, grouped_linear
+from lora_trainer.parallel.attributes import set_parallel_attributes
 
 
 class GroupedLinear(nn.Module):
@@ -45,9 +46,8 @@ class GroupedLinear(nn.Module):
                 num_experts, out_features, in_features, dtype=config.params_dtype, device=device
             )
         )
-        self.weight.allreduce = (
-            False  # an expert parameter: reduced over the expert data-parallel group
-        )
+        # An expert parameter: reduced over the expert data-parallel group.
+        set_parallel_attributes(self.weight, allreduce=False)
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         return grouped_linear(x, self.weight, offs)

@@ -46,8 +46,9 @@ def build_logger(config: TrainConfig) -> Any:
         os.environ["WANDB_MODE"] = "offline"
         if os.environ.get("LOCAL_RANK", "0") == "0":
             log.warning(
-                "wandb: no credentials found (WANDB_API_KEY or `wandb login`); logging offline under "
-                "%s/wandb. Upload later with `wandb sync`. Set logger=none to turn wandb off.",
+                "wandb: no credentials found (WANDB_API_KEY or `wandb login`); logging offline "
+                "under %s/wandb. Upload later with `wandb sync`. Set logger=none to turn wandb "
+                "off.",
                 config.output_dir,
             )
     return WandbLogger(

@@ -109,7 +109,8 @@ def _resolve(config: TrainConfig, build_tiny: bool) -> ResolvedRun:
     if spec.is_moe and config.export.check and config.export.profile == "per_expert":
         raise ConfigError(
             "export.check=true needs export.profile=peft on a MoE model: PEFT does not load the "
-            "per_expert layout onto transformers' Qwen3.5-MoE experts, so the check cannot compare it"
+            "per_expert layout onto transformers' Qwen3.5-MoE experts, so the check cannot "
+            "compare it"
         )
     parallel, world = _parallel(config, spec)
     dp = parallel.dp_size(world)
@@ -147,13 +148,14 @@ def _check_settings(config: TrainConfig) -> None:
             raise ConfigError(f"{key}={value} must be at least 1")
     if config.export.profile not in EXPORT_PROFILES:
         raise ConfigError(
-            f"export.profile={config.export.profile!r} is unknown; use one of {', '.join(EXPORT_PROFILES)} "
-            "(peft: packed routed-expert layout that peft and vLLM load; per_expert: 2D keys per expert)"
+            f"export.profile={config.export.profile!r} is unknown; use one of "
+            f"{', '.join(EXPORT_PROFILES)} (peft: packed routed-expert layout that peft and vLLM "
+            "load; per_expert: 2D keys per expert)"
         )
     if not config.export.check_memory_gb > 0:
         raise ConfigError(
-            f"export.check_memory_gb={config.export.check_memory_gb} must be positive: it is the size (GB) above "
-            "which the export check holds one decoder layer at a time"
+            f"export.check_memory_gb={config.export.check_memory_gb} must be positive: it is the "
+            "size (GB) above which the export check holds one decoder layer at a time"
         )
     if config.model.dtype not in MODEL_DTYPES:
         raise ConfigError(
@@ -179,8 +181,9 @@ def _model_dir(config: TrainConfig, build_tiny: bool) -> Path:
         return Path(model.hf_path).expanduser().absolute()
     if model.tiny is None:
         raise ConfigError(
-            "model.hf_path is not set and model.tiny is null: set model.hf_path=/path/to/checkpoint "
-            "(a local Hugging Face Qwen3.5 directory), or model=tiny_moe / model=tiny_dense"
+            "model.hf_path is not set and model.tiny is null: set "
+            "model.hf_path=/path/to/checkpoint (a local Hugging Face Qwen3.5 directory), or "
+            "model=tiny_moe / model=tiny_dense"
         )
     if build_tiny:
         return ensure_tiny_checkpoint(model.tiny, model.tiny_cache_dir)  # type: ignore[arg-type]
@@ -214,8 +217,8 @@ def _check_shards(hf_path: Path) -> None:
         problem = _shard_problem(file)
         if problem:
             raise CheckpointError(
-                f"model.hf_path={hf_path}: {file.name} {problem}: the file is truncated or corrupt; "
-                "download it again"
+                f"model.hf_path={hf_path}: {file.name} {problem}: the file is truncated or "
+                "corrupt; download it again"
             )
 
 
@@ -250,8 +253,8 @@ def _parallel(config: TrainConfig, spec: Qwen35Spec) -> tuple[ParallelConfig, in
     parallel = section.to_parallel_config()
     if not spec.is_moe and (parallel.ep, parallel.etp) != (1, 1):
         log.info(
-            "parallel.ep=%s and parallel.etp=%s split routed experts, which this dense model does not "
-            "have: the run uses ep=1, etp=1",
+            "parallel.ep=%s and parallel.etp=%s split routed experts, which this dense model "
+            "does not have: the run uses ep=1, etp=1",
             parallel.ep,
             parallel.etp,
         )
@@ -260,11 +263,12 @@ def _parallel(config: TrainConfig, spec: Qwen35Spec) -> tuple[ParallelConfig, in
     model_parallel = parallel.tp * parallel.pp
     if parallel.tp >= 1 and parallel.pp >= 1 and world % model_parallel:
         raise ParallelConfigError(
-            f"trainer.devices * trainer.num_nodes = {trainer.devices} * {trainer.num_nodes} = {world} "
-            f"ranks is not parallel.tp * parallel.pp = {parallel.tp} * {parallel.pp} = "
-            f"{model_parallel} times a whole data-parallel size (dp would be {world}/{model_parallel}); "
-            f"use a multiple of {model_parallel} ranks ({model_parallel} for dp=1, "
-            f"{2 * model_parallel} for dp=2) or other parallel.tp / parallel.pp"
+            f"trainer.devices * trainer.num_nodes = {trainer.devices} * {trainer.num_nodes} = "
+            f"{world} ranks is not parallel.tp * parallel.pp = {parallel.tp} * {parallel.pp} = "
+            f"{model_parallel} times a whole data-parallel size (dp would be "
+            f"{world}/{model_parallel}); use a multiple of {model_parallel} ranks "
+            f"({model_parallel} for dp=1, {2 * model_parallel} for dp=2) or other parallel.tp / "
+            "parallel.pp"
         )
     try:
         parallel.validate(world)
@@ -281,9 +285,10 @@ def _num_microbatches(config: TrainConfig, dp: int) -> int:
     per_step = micro * dp
     if global_batch % per_step:
         raise ConfigError(
-            f"trainer.global_batch_size={global_batch} is not divisible by trainer.micro_batch_size "
-            f"* dp = {micro} * {dp} = {per_step}; use a multiple of {per_step} (trainer.global_batch_size="
-            f"{(global_batch // per_step + 1) * per_step}) or another trainer.micro_batch_size"
+            f"trainer.global_batch_size={global_batch} is not divisible by "
+            f"trainer.micro_batch_size * dp = {micro} * {dp} = {per_step}; use a multiple of "
+            f"{per_step} (trainer.global_batch_size={(global_batch // per_step + 1) * per_step}) "
+            "or another trainer.micro_batch_size"
         )
     return global_batch // per_step
 
