@@ -1,6 +1,5 @@
-"""Collectives that the bridge, the export and the training share: the shards of a split tensor,
-and every rank's small Python objects (each a no-op on a single process). Every rank must call
-them."""
+"""Collectives that the bridge and the export share: the shards of a split tensor, and every
+rank's small Python objects (each a no-op on a single process). Every rank must call them."""
 
 from __future__ import annotations
 
