@@ -29,7 +29,7 @@ from lora_trainer.export.gather_adapter import distributed_hf_adapter, local_hf_
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.snapshot import snapshot_dir, write_factors, write_job
 from lora_trainer.files.atomic import publish_directory, temporary_directory
-from lora_trainer.training.checkpoints import complete_saves, save_dir_name, saves_to_prune
+from lora_trainer.saves import complete_saves, save_dir_name, saves_to_prune
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.module import LoraTrainingModule
 

@@ -30,7 +30,7 @@ from lora_trainer.export.snapshot import (
     write_factors,
     write_job,
 )
-from lora_trainer.training.checkpoints import write_state_manifest
+from lora_trainer.saves import write_state_manifest
 from lora_trainer.training.config import CheckpointSection, TrainConfig
 from tests import fs_events
 from tests.checkpoints import KIND_MOE_VL

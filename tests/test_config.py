@@ -32,8 +32,8 @@ from lora_trainer.errors import (
 from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.lora import config as lora_config
 from lora_trainer.lora.config import LoraConfigError
+from lora_trainer.saves import write_state_manifest
 from lora_trainer.training import choices
-from lora_trainer.training.checkpoints import write_state_manifest
 from lora_trainer.training.config import ExportSection, LoggerSection, ModelConfig, TrainConfig
 from lora_trainer.training.hydra_schema import config_keys, register_schema, to_train_config
 from lora_trainer.training.launch import is_relaunched_rank

@@ -18,8 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.parallel.config import ParallelConfig
-from lora_trainer.training.app import auto_class, final_message
-from lora_trainer.training.checkpoints import (
+from lora_trainer.saves import (
     STATE_MANIFEST,
     TRAINING_STATE,
     clear_leftovers,
@@ -27,6 +26,7 @@ from lora_trainer.training.checkpoints import (
     saves_to_prune,
     scan_saves,
 )
+from lora_trainer.training.app import auto_class, final_message
 from lora_trainer.training.config import OptimSection, TrainConfig
 from lora_trainer.training.hydra_schema import register_schema, to_train_config
 from lora_trainer.training.optim import warmup_cosine

@@ -18,7 +18,7 @@ from callbacks.step_progress import StepProgressBar
 from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.demo.tokenizer import TINY_SFT_PATH
 from lora_trainer.export.background import complete_export, pending_exports
-from lora_trainer.training.checkpoints import is_complete_save, step_of
+from lora_trainer.saves import is_complete_save, step_of
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.module import LoraTrainingModule
 from lora_trainer.training.quiet import route_lightning_logs_to_root

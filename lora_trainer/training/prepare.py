@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.training.checkpoints import clear_leftovers, step_of
+from lora_trainer.saves import clear_leftovers, step_of
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.failures import clear_marker
 from lora_trainer.training.output_lock import OutputDirLock

@@ -24,7 +24,7 @@ from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.export.manifest import sha256_file
 from lora_trainer.files.atomic import atomic_write_text
 from lora_trainer.parallel.config import ParallelConfig
-from lora_trainer.training.checkpoints import (
+from lora_trainer.saves import (
     TRAINING_STATE,
     describe_damaged,
     load_rank_state,

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from lora_trainer.errors import CheckpointError
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.parallel.state import initialize_parallel, process_group_backend
-from lora_trainer.training.checkpoints import (
+from lora_trainer.saves import (
     STATE_FILE,
     load_rank_state,
     save_rank_state,

@@ -7,7 +7,7 @@ a missing chat template and overlong samples with `data.overlong=error` fail her
 `ResolvedRun` that every rank trains with. `resolve_run` computes the same `ResolvedRun` without
 building or reading data, for the local ranks Lightning relaunches after validation passed.
 
-Saves and resume: `lora_trainer.training.checkpoints` (the layout, intact saves) and
+Saves and resume: `lora_trainer.saves` (the layout, intact saves) and
 `lora_trainer.training.resume` (which save `resume` names, and the checks against it).
 """
 
@@ -31,7 +31,7 @@ from lora_trainer.lora.config import LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35.parallel_fit import check_parallel_fits
 from lora_trainer.qwen35.spec import Qwen35Spec
-from lora_trainer.training.checkpoints import is_complete_save, save_dir_name
+from lora_trainer.saves import is_complete_save, save_dir_name
 from lora_trainer.training.choices import LoggerKind, ModelDtype
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.resume import check_resume, find_resume
