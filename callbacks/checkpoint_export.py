@@ -6,9 +6,14 @@ makes it with `temporary_directory` and tells the others its name) that is fsync
 `checkpoint.keep_last`, never deleting the newest exported one, the ones being exported, nor the
 one the run resumed from; only intact saves count (`saves_to_prune`).
 
-With `export.background=true` (`_save_in_background`) the save holds the training state and the
-export snapshot when it is renamed to `step-N`; the HF export is then made inside it by background
-workers (`background_export.py`) while training goes on."""
+With `background=True` (`_save_in_background`) the save holds the training state and the export
+snapshot when it is renamed to `step-N`; the HF export is then made inside it by background
+workers (`background_export.py`) while training goes on.
+
+The run's configuration wires it (`callbacks.save` in `lora_trainer.training.config`): its
+arguments are interpolated from `output_dir`, `checkpoint.*` and `export.*`. What it reads from
+the LightningModule is the `AdaptedModel` protocol (`lora_trainer.export.source`), and the save
+the run resumed from is the one whose training state the Trainer loaded (`trainer.ckpt_path`)."""
 
 from __future__ import annotations
 
@@ -27,11 +32,11 @@ from lora_trainer.export.agreement import raise_on_every_rank
 from lora_trainer.export.background import is_exported, pending_exports
 from lora_trainer.export.gather_adapter import distributed_hf_adapter, local_hf_factors
 from lora_trainer.export.hf_export import export_hf
+from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.export.snapshot import snapshot_dir, write_factors, write_job
+from lora_trainer.export.source import AdaptedModel
 from lora_trainer.files.atomic import publish_directory, temporary_directory
-from lora_trainer.saves import complete_saves, save_dir_name, saves_to_prune
-from lora_trainer.training.config import TrainConfig
-from lora_trainer.training.module import LoraTrainingModule
+from lora_trainer.saves import checkpoints_dir, complete_saves, save_dir_name, saves_to_prune
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +51,63 @@ def _staging(trainer: pl.Trainer, final: Path) -> Path:
     return Path(trainer.strategy.broadcast(made))
 
 
+def check_input_ids(vocab_size: int) -> torch.Tensor:
+    """The fixed batch on which the export check compares logits."""
+    return torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def adapted(module: pl.LightningModule) -> AdaptedModel:
+    """`module` as the `AdaptedModel` the export reads; TypeError naming what it lacks."""
+    if not isinstance(module, AdaptedModel):
+        members = ("adapters", "hf_path", "lora_config", "spec")
+        missing = [name for name in members if not hasattr(module, name)]
+        raise TypeError(
+            f"the save callback exports LoRA adapters: {type(module).__name__} has no "
+            f"{', '.join(missing)} (lora_trainer.export.source.AdaptedModel)"
+        )
+    return module
+
+
 class CheckpointExportCallback(pl.Callback):
+    """Saves every `every_n_steps` optimizer steps and at the last one into
+    `output_dir/checkpoints/step-N`, keeping the newest `keep_last` intact saves; `adapter`,
+    `merged`, `profile`, `check`, `check_memory_gb` and `background` are the `export.*` settings."""
+
     def __init__(
         self,
-        config: TrainConfig,
-        check_input_ids: torch.Tensor | None,
-        resumed_from: Path | None = None,
+        *,
+        output_dir: str | Path,
+        every_n_steps: int,
+        keep_last: int,
+        adapter: bool,
+        merged: bool,
+        profile: Profile,
+        check: bool,
+        check_memory_gb: float,
+        background: bool,
     ) -> None:
-        self.config = config
-        self.resumed_from = resumed_from
-        self.root = Path(config.output_dir) / "checkpoints"
-        self.check_input_ids = check_input_ids
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be at least 1")
+        self.root = checkpoints_dir(output_dir)
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self.write_adapter = adapter
+        self.write_merged = merged
+        self.profile = profile
+        self.check = check
+        self.check_memory_gb = check_memory_gb
+        self.in_background = background
+        self.resumed_from: Path | None = None
         self.last_saved_step = -1
         self.background = BackgroundExports(on_finished=lambda _: self._prune())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Saves an earlier run left without their export (killed meanwhile) get it now."""
-        pending = pending_exports(self.root) if trainer.is_global_zero else None
+        if trainer.ckpt_path:
+            self.resumed_from = Path(trainer.ckpt_path).parent
+        if trainer.is_global_zero:
+            log.info("Saving every %d steps to %s", self.every_n_steps, self.root)
+        pending = pending_exports(self.root) if trainer.is_global_zero else []
         self.background.complete_later(trainer, trainer.strategy.broadcast(pending))
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -80,45 +125,40 @@ class CheckpointExportCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
     ) -> None:
         step = trainer.global_step
-        every = self.config.checkpoint.every_n_steps
-        if step % every == 0 or step >= self.config.trainer.max_steps:
-            self.save(trainer, pl_module, step)
+        if step % self.every_n_steps == 0 or step >= trainer.max_steps:
+            self.save(trainer, adapted(pl_module), step)
 
-    def save(self, trainer: pl.Trainer, module: LoraTrainingModule, step: int) -> Path:
+    def save(self, trainer: pl.Trainer, module: AdaptedModel, step: int) -> Path:
         if step == self.last_saved_step:
             return self.root / save_dir_name(step)
-        if self.config.export.background:
+        if self.in_background:
             return self._save_in_background(trainer, module, step)
         strategy = trainer.strategy
         final = self.root / save_dir_name(step)
         staging = _staging(trainer, final)
         started = time.perf_counter()
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
-        export = self.config.export
         failure: Exception | None = None
         try:
             adapter = distributed_hf_adapter(
-                module.adapters,
-                module.loaded.spec,
-                self.config.lora.to_lora_config(),
-                str(module.hf_path),
+                module.adapters, module.spec, module.lora_config, module.hf_path
             )
             manifest = export_hf(
                 adapter,
                 Path(module.hf_path),
                 staging,
                 step=step,
-                write_adapter=export.adapter,
-                write_merged=export.merged,
-                profile=export.profile,
-                check_input_ids=self.check_input_ids if export.check else None,
-                check_memory_gb=export.check_memory_gb,
+                write_adapter=self.write_adapter,
+                write_merged=self.write_merged,
+                profile=self.profile,
+                check_input_ids=check_input_ids(module.spec.vocab_size) if self.check else None,
+                check_memory_gb=self.check_memory_gb,
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 barrier=strategy.barrier,
             )
             check = manifest.get("check")
-            if trainer.is_global_zero and export.check and not (check and check.get("passed")):
+            if trainer.is_global_zero and self.check and not (check and check.get("passed")):
                 failure = ExportError(
                     f"{check['message'] if check else 'the export check did not run'} "
                     f"(step {step}); the save stays unpublished at {staging} for inspection, "
@@ -141,9 +181,7 @@ class CheckpointExportCallback(pl.Callback):
         self.last_saved_step = step
         return final
 
-    def _save_in_background(
-        self, trainer: pl.Trainer, module: LoraTrainingModule, step: int
-    ) -> Path:
+    def _save_in_background(self, trainer: pl.Trainer, module: AdaptedModel, step: int) -> Path:
         """Training state and export snapshot into `step-N`, then the export in the background."""
         self.background.wait(trainer, f"The save of step {step}")
         strategy = trainer.strategy
@@ -152,25 +190,25 @@ class CheckpointExportCallback(pl.Callback):
         staging = _staging(trainer, final)
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
         state_seconds = time.perf_counter() - started
-        write_factors(
-            staging, trainer.global_rank, local_hf_factors(module.adapters, module.loaded.spec)
-        )
+        write_factors(staging, trainer.global_rank, local_hf_factors(module.adapters, module.spec))
         if trainer.is_global_zero:
-            export, lora = self.config.export, self.config.lora
+            lora = module.lora_config
             write_job(
                 staging,
                 step=step,
-                base_dir=str(module.hf_path),
+                base_dir=module.hf_path,
                 snapshot_ranks=trainer.world_size,
-                write_adapter=export.adapter,
-                write_merged=export.merged,
-                profile=export.profile,
-                check_input_ids=self.check_input_ids.tolist() if export.check else None,
-                check_memory_gb=export.check_memory_gb,
+                write_adapter=self.write_adapter,
+                write_merged=self.write_merged,
+                profile=self.profile,
+                check_input_ids=(
+                    check_input_ids(module.spec.vocab_size).tolist() if self.check else None
+                ),
+                check_memory_gb=self.check_memory_gb,
                 r=lora.r,
                 alpha=lora.alpha,
                 use_rslora=lora.rslora,
-                text_prefix=module.loaded.spec.text_prefix,
+                text_prefix=module.spec.text_prefix,
             )
         strategy.barrier("save:snapshot")
         if trainer.is_global_zero:
@@ -197,10 +235,6 @@ class CheckpointExportCallback(pl.Callback):
         resumed = [self.resumed_from] if self.resumed_from else []
         protected = {*exported[-1:], self.background.exporting, *self.background.queue, *resumed}
         keep = frozenset(path for path in protected if path is not None)
-        for stale in saves_to_prune(self.root, self.config.checkpoint.keep_last, keep):
+        for stale in saves_to_prune(self.root, self.keep_last, keep):
             shutil.rmtree(stale)
-            log.info(
-                "Removed old save %s (checkpoint.keep_last=%d)",
-                stale,
-                self.config.checkpoint.keep_last,
-            )
+            log.info("Removed old save %s (checkpoint.keep_last=%d)", stale, self.keep_last)

@@ -1,4 +1,5 @@
-"""The layout of saves on disk, and the rules that keep them trustworthy.
+"""The layout of saves on disk, and the rules that keep them trustworthy. Below `training/` and
+`callbacks/`, which both import it; it imports only `lora_trainer.export` and `lora_trainer.errors`.
 
     OUT/checkpoints/step-N/
         training_state/rank-*.pt        one file per rank: tensors and plain values only
@@ -36,12 +37,18 @@ from lora_trainer.export.snapshot import has_snapshot
 from lora_trainer.files.atomic import atomic_file, atomic_write_json, cleanup_stale_temporaries
 
 _SAVE = re.compile(r"^step-(\d+)$")
+CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "export_manifest.json"
 TRAINING_STATE = "training_state"
 STATE_MANIFEST = "manifest.json"
 STATE_FILE = "rank-{rank:05d}.pt"
 ABANDONED = "abandoned"
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype)
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    """`output_dir/checkpoints`, the parent of every `step-N` save of a run."""
+    return Path(output_dir) / CHECKPOINTS_DIR
 
 
 def save_dir_name(step: int) -> str:

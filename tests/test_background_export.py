@@ -32,6 +32,7 @@ from lora_trainer.export.snapshot import (
 )
 from lora_trainer.saves import write_state_manifest
 from lora_trainer.training.config import CheckpointSection, TrainConfig
+from lora_trainer.training.instantiate import instantiate_callbacks
 from tests import fs_events
 from tests.checkpoints import KIND_MOE_VL
 from tests.export_fixtures import make_base
@@ -175,7 +176,8 @@ def test_pruning_keeps_saves_whose_export_is_unfinished_and_the_newest_exported_
     config = TrainConfig(
         output_dir=str(tmp_path), checkpoint=CheckpointSection(every_n_steps=1, keep_last=1)
     )
-    callback = CheckpointExportCallback(config, None)
+    callback = instantiate_callbacks(config)[0]
+    assert isinstance(callback, CheckpointExportCallback) and callback.keep_last == 1
     for step in range(1, 5):
         save = tmp_path / "checkpoints" / f"step-{step}"
         (save / "training_state").mkdir(parents=True)

@@ -18,6 +18,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
+from callbacks.checkpoint_export import CheckpointExportCallback
+from callbacks.step_progress import StepProgressBar
 from lora_trainer.data.pipeline import SourceSpec
 from lora_trainer.demo import model as demo_model
 from lora_trainer.demo.model import ensure_tiny_checkpoint, tiny_checkpoint_path
@@ -36,10 +38,12 @@ from lora_trainer.saves import write_state_manifest
 from lora_trainer.training import choices
 from lora_trainer.training.config import ExportSection, LoggerSection, ModelConfig, TrainConfig
 from lora_trainer.training.hydra_schema import config_keys, register_schema, to_train_config
+from lora_trainer.training.instantiate import instantiate_callbacks
 from lora_trainer.training.launch import is_relaunched_rank
 from lora_trainer.training.resume import run_settings
 from lora_trainer.training.validate import is_complete_save, resolve_run, validate_config
 from tests import fs_events
+from tests.callback_probe import StepRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -294,6 +298,76 @@ def test_a_model_preset_requires_hf_path(preset: str) -> None:
 
 def test_presets_cover_the_published_sizes() -> None:
     assert {"qwen3_5_35b_a3b", "qwen3_5_27b", "qwen3_5_397b_a17b"} <= set(PRESETS)
+
+
+# ---------------------------------------------------------------------------------- callbacks
+
+
+def test_the_callbacks_are_made_from_the_config_with_its_values(tmp_path: Path) -> None:
+    config = compose_config(
+        f"output_dir={tmp_path}",
+        "checkpoint.every_n_steps=5",
+        "checkpoint.keep_last=3",
+        "export.profile=per_expert",
+        "export.background=false",
+        "+callbacks.probe._target_=tests.callback_probe.StepRecorder",
+        f"+callbacks.probe.path={tmp_path / 'probe'}",
+        "+callbacks.probe.every=${checkpoint.every_n_steps}",
+    )
+    assert config.callbacks["save"]["every_n_steps"] == "${checkpoint.every_n_steps}"
+    save, progress, probe = instantiate_callbacks(config)
+    assert isinstance(save, CheckpointExportCallback) and isinstance(progress, StepProgressBar)
+    assert (save.root, save.every_n_steps, save.keep_last) == (tmp_path / "checkpoints", 5, 3)
+    assert (save.profile, save.in_background) == ("per_expert", False)
+    assert isinstance(probe, StepRecorder) and (probe.path, probe.every) == (tmp_path / "probe", 5)
+    changed = replace(config, checkpoint=replace(config.checkpoint, every_n_steps=7))
+    assert [cb.every for cb in instantiate_callbacks(changed) if isinstance(cb, StepRecorder)] == [
+        7
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides", [["~callbacks.progress"], ["callbacks.progress=null"]], ids=["deleted", "null"]
+)
+def test_a_callback_is_left_out_by_deleting_or_nulling_it(overrides: list[str]) -> None:
+    callbacks = instantiate_callbacks(compose_config(*overrides))
+    assert [type(callback) for callback in callbacks] == [CheckpointExportCallback]
+
+
+CALLBACK_ERRORS: list[tuple[str, str]] = [
+    (
+        "+callbacks.probe._target_=nowhere.Probe",
+        "callbacks.probe (_target_=nowhere.Probe) cannot be made: ModuleNotFoundError: No module "
+        "named 'nowhere'",
+    ),
+    (
+        "+callbacks.save.keep=3",
+        "callbacks.save (_target_=callbacks.checkpoint_export.CheckpointExportCallback) cannot be "
+        "made: TypeError: CheckpointExportCallback.__init__() got an unexpected keyword argument "
+        "'keep'",
+    ),
+    (
+        "callbacks.save.every_n_steps=${checkpoint.every}",
+        "callbacks.save (_target_=callbacks.checkpoint_export.CheckpointExportCallback) cannot be "
+        "made: InterpolationKeyError: Interpolation key 'checkpoint.every' not found",
+    ),
+    (
+        "+callbacks.probe._target_=builtins.dict",
+        "callbacks.probe._target_=builtins.dict makes a dict, not a Lightning callback",
+    ),
+    ("+callbacks.probe.path=/tmp", "callbacks.probe has no _target_"),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"), CALLBACK_ERRORS, ids=[c[0] for c in CALLBACK_ERRORS]
+)
+def test_a_callback_that_cannot_be_made_is_refused_naming_its_key(
+    override: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        instantiate_callbacks(compose_config(override))
+    assert str(caught.value).startswith(message)
 
 
 # ---------------------------------------------------------------------------------- validate_config
@@ -609,6 +683,16 @@ def test_train_py_bad_data_line_is_one_line_with_file_and_line(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"{bad}:3" in errors[0] and "data.train_path" in errors[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_train_py_bad_callback_target_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    result = run_train(tmp_path, "+callbacks.probe._target_=nowhere.Probe")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: callbacks.probe (_target_=nowhere.Probe) cannot be made: ModuleNotFoundError: "
+        "No module named 'nowhere'"
+    ]
+    assert not (tmp_path / ".cache").exists()
 
 
 COMMAND_LINE_ERRORS: list[tuple[list[str], str]] = [

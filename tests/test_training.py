@@ -187,3 +187,24 @@ def test_default_expert_parallel_layout_trains_and_passes_the_export_check(tmp_p
     tensors = adapter_tensors(tmp_path / "checkpoints" / "step-2")
     expert_b = [t for k, t in tensors.items() if "mlp.experts" in k and "lora_B" in k]
     assert expert_b and all(t.abs().sum() > 0 for t in expert_b)
+
+
+def test_callbacks_from_the_command_line_replace_the_default_ones(tmp_path: Path) -> None:
+    """The save callback left out and a callback added with an argument interpolated from the
+    config: every rank makes and calls the added one, and no save is written."""
+    probe = tmp_path / "probe"
+    run = train(
+        tmp_path,
+        "trainer.max_steps=2",
+        "checkpoint.every_n_steps=1",
+        "logger=none",
+        "~callbacks.save",
+        "+callbacks.probe._target_=tests.callback_probe.StepRecorder",
+        f"+callbacks.probe.path={probe}",
+        "+callbacks.probe.every=${checkpoint.every_n_steps}",
+    )
+    records = {path.name: json.loads(path.read_text()) for path in probe.iterdir()}
+    assert records == {f"rank-{rank}.json": {"every": 1, "steps": [1, 2]} for rank in (0, 1)}
+    assert len(losses(tmp_path)) == 2
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert "Training done" not in run.stdout

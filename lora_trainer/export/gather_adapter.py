@@ -94,7 +94,7 @@ def gather_hf_adapter(
 
 
 def distributed_hf_adapter(
-    adapters: list[LoraLinear], spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str
+    adapters: list[Adapter], spec: Qwen35Spec, config: LoraConfig, base_model_name_or_path: str
 ) -> DistributedAdapter:
     """This rank's part of the adapter in HF layout: the factors it keeps (`local_hf_factors`)
     and the whole adapter's shapes. Collective: every rank must call it; only shapes and one flag

@@ -1,4 +1,6 @@
-"""Wires a validated run into a Lightning Trainer: strategy, module, data, logger, save callback."""
+"""Wires a validated run into a Lightning Trainer: strategy, module, data, logger, and the callbacks
+of `config.callbacks` (made by `lora_trainer.training.instantiate`; the save callback among them
+by default)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from callbacks.checkpoint_export import CheckpointExportCallback
-from callbacks.step_progress import StepProgressBar
 from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.demo.tokenizer import TINY_SFT_PATH
 from lora_trainer.export.background import complete_export, pending_exports
-from lora_trainer.saves import is_complete_save, step_of
+from lora_trainer.saves import TRAINING_STATE, checkpoints_dir, complete_saves, step_of
 from lora_trainer.training.config import TrainConfig
+from lora_trainer.training.instantiate import instantiate_callbacks
 from lora_trainer.training.module import LoraTrainingModule
 from lora_trainer.training.quiet import route_lightning_logs_to_root
 from lora_trainer.training.resume import run_settings
@@ -60,15 +61,12 @@ def build_logger(config: TrainConfig) -> Any:
     )
 
 
-def check_batch(vocab_size: int) -> torch.Tensor:
-    """The fixed batch on which the export check compares logits."""
-    return torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
 def train(config: TrainConfig, resolved: Any) -> None:
-    """Train LoRA on `resolved.hf_path` with `config`; saves and exports per `config.checkpoint`."""
+    """Train LoRA on `resolved.hf_path` with `config` and the callbacks of `config.callbacks`
+    (by default the saves and exports of `checkpoint.*` / `export.*`); print where the newest
+    intact save is."""
     route_lightning_logs_to_root()
-    checkpoints = Path(config.output_dir) / "checkpoints"
+    checkpoints = checkpoints_dir(config.output_dir)
     resume = resolved.resume_path
     if resume and (step_of(resume) or 0) >= config.trainer.max_steps:
         finish_exports_only(config, checkpoints, resume, Path(resolved.hf_path))
@@ -78,8 +76,7 @@ def train(config: TrainConfig, resolved: Any) -> None:
         f"Training LoRA (r={config.lora.r}, {config.lora.style}) on {resolved.hf_path}: "
         f"{resolved.world_size} ranks = tp {p.tp} x pp {p.pp} x dp {resolved.dp_size} (ep {p.ep}), "
         f"{config.trainer.max_steps} steps of {config.trainer.global_batch_size} rows "
-        f"({resolved.num_microbatches} micro-batches per rank), saves every "
-        f"{config.checkpoint.every_n_steps} steps to {Path(config.output_dir) / 'checkpoints'}"
+        f"({resolved.num_microbatches} micro-batches per rank)"
     )
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     data = SFTDataModule.from_config(
@@ -91,9 +88,6 @@ def train(config: TrainConfig, resolved: Any) -> None:
     )
     module = LoraTrainingModule(
         config, str(resolved.hf_path), resolved.num_microbatches, resolved.parallel
-    )
-    saver = CheckpointExportCallback(
-        config, check_batch(resolved.spec.vocab_size), resolved.resume_path
     )
     validate = bool(config.data.val_path) and config.trainer.val_every_n_steps > 0
     trainer = pl.Trainer(
@@ -110,7 +104,7 @@ def train(config: TrainConfig, resolved: Any) -> None:
         max_steps=config.trainer.max_steps,
         precision="32-true",
         logger=build_logger(config),
-        callbacks=[saver, StepProgressBar()],
+        callbacks=instantiate_callbacks(config),
         enable_checkpointing=False,
         use_distributed_sampler=False,
         log_every_n_steps=config.trainer.log_every_n_steps,
@@ -120,19 +114,21 @@ def train(config: TrainConfig, resolved: Any) -> None:
         num_sanity_val_steps=0,
         default_root_dir=config.output_dir,
     )
-    ckpt_path = str(Path(resume) / "training_state") if resume else None
+    ckpt_path = str(Path(resume) / TRAINING_STATE) if resume else None
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    save = resolved.save_dir(saver.last_saved_step) if saver.last_saved_step >= 0 else resume
-    if trainer.is_global_zero and save is not None and is_complete_save(save):
+    saves = complete_saves(checkpoints) if trainer.is_global_zero else []
+    if saves:
         print(
-            final_message(save, Path(resolved.hf_path), config.export.adapter, config.export.merged)
+            final_message(
+                saves[-1], Path(resolved.hf_path), config.export.adapter, config.export.merged
+            )
         )
 
 
 def finish_exports_only(config: TrainConfig, checkpoints: Path, resume: Path, base: Path) -> None:
     """A resume already at `trainer.max_steps`: complete the exports the earlier run left
     unfinished (on global rank 0, in this process), print the final message, train nothing."""
-    if rank_zero_only.rank != 0:
+    if getattr(rank_zero_only, "rank", 0) != 0:
         return
     log.info(
         "The resumed save is at trainer.max_steps=%d: only completing unfinished exports",

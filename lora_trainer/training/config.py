@@ -10,6 +10,11 @@ the embedded demo run, what `python train.py` runs with no overrides: the `model
 (`conf/model/tiny_moe.yaml`), the tiny random MoE with its 4 experts split over 2 ranks. A test
 composes the Hydra config with no overrides and compares it with `TrainConfig()` field by field.
 
+`callbacks` holds the Lightning callbacks of the run, each a `_target_` node that
+`lora_trainer.training.instantiate` instantiates with Hydra, its interpolations (`${...}`)
+resolved against the whole configuration when the callbacks are made: `TrainConfig.callbacks`
+keeps them as written.
+
 These field names are the public contract of `python train.py key=value` overrides.
 """
 
@@ -64,8 +69,9 @@ class LoraSection:
             rslora=self.rslora,
             dropout=self.dropout,
             targets=tuple(self.targets),
-            style=self.style,
-            seed=self.seed,  # type: ignore[arg-type]
+            # A LoraStyle member is its string value, one of LoraConfig's literals.
+            style=self.style,  # type: ignore[arg-type]
+            seed=self.seed,
         )
 
 
@@ -181,13 +187,35 @@ class LoggerSection:
     name: str | None = None
 
 
+def default_callbacks() -> dict[str, Any]:
+    """`save`: the saves and their HF exports (`callbacks/checkpoint_export.py`), wired to
+    `output_dir`, `checkpoint.*` and `export.*`; `progress`: a progress bar counted in optimizer
+    steps (`callbacks/step_progress.py`)."""
+    return {
+        "save": {
+            "_target_": "callbacks.checkpoint_export.CheckpointExportCallback",
+            "output_dir": "${output_dir}",
+            "every_n_steps": "${checkpoint.every_n_steps}",
+            "keep_last": "${checkpoint.keep_last}",
+            "adapter": "${export.adapter}",
+            "merged": "${export.merged}",
+            "profile": "${export.profile}",
+            "check": "${export.check}",
+            "check_memory_gb": "${export.check_memory_gb}",
+            "background": "${export.background}",
+        },
+        "progress": {"_target_": "callbacks.step_progress.StepProgressBar"},
+    }
+
+
 @dataclass
 class TrainConfig:
     """The run; with no arguments, the embedded demo run (conf/model/tiny_moe.yaml's settings).
 
     `output_dir`: saves, Hydra's logs and offline wandb runs. `resume`: null starts fresh; latest
     the newest complete save under output_dir/checkpoints (fresh if there is none); a path, that
-    save (output_dir/checkpoints/step-N)."""
+    save (output_dir/checkpoints/step-N). `callbacks`: name -> `_target_` node (or null, left
+    out) of each Lightning callback (`default_callbacks`)."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(tiny=TinyKind.moe))
     lora: LoraSection = field(default_factory=LoraSection)
@@ -198,6 +226,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     export: ExportSection = field(default_factory=ExportSection)
     logger: LoggerSection = field(default_factory=LoggerSection)
+    callbacks: dict[str, Any] = field(default_factory=default_callbacks)
     output_dir: str = "outputs/run"
     resume: str | None = None
     seed: int = 1234

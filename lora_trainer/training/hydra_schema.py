@@ -16,14 +16,19 @@ preset needs a checkpoint, and the tiny presets set it to null.
 Lightning relaunches the ranks with the same command line) and any override key that is not a
 config key, with or without Hydra's `+`, suggesting the nearest key; and it composes once so that
 Hydra's own errors end in one line too. `to_train_config` refuses unknown keys as well, for
-configs composed through Hydra's API.
+configs composed through Hydra's API. Keys under `callbacks.` are open: a user adds a callback
+(`+callbacks.NAME._target_=...`) or its arguments, which `lora_trainer.training.instantiate`
+checks before launch. `to_train_config` keeps the `callbacks` entries as written: their
+interpolations are resolved when the callbacks are made, against the final configuration.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
@@ -40,6 +45,8 @@ from lora_trainer.training.config import ModelConfig, ParallelSection, TrainConf
 
 SCHEMA_NAME = "train_schema"
 CONFIG_NAME = "train"
+# Sections whose keys are not fixed by the schema (each entry names its own class and arguments).
+OPEN_SECTIONS = ("callbacks",)
 
 MISSING_HINTS: dict[str, str] = {
     "model.hf_path": (
@@ -80,7 +87,7 @@ def check_command_line(argv: list[str], config_dir: Path) -> None:
     known = set(config_keys()) | {path.name for path in config_dir.iterdir() if path.is_dir()}
     for override in overrides:
         key = override.key_or_group
-        if not key.startswith(("hydra.", "hydra/")) and key not in known:
+        if not key.startswith(("hydra.", "hydra/")) and key not in known and not _is_open(key):
             raise unknown_key_error(key, sorted(known))
         if override.is_sweep_override():
             raise ConfigError(
@@ -110,12 +117,17 @@ def unknown_key_error(key: str, known: list[str]) -> ConfigError:
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed config as a `TrainConfig`; raises ConfigError naming every unset `???` key
-    and any key the schema does not have."""
+    and any key the schema does not have. `callbacks` stays as written (unresolved)."""
     known = config_keys()
-    unknown = [path for path in _paths(cfg) if path not in known and not path.startswith("hydra")]
+    unknown = [
+        path
+        for path in _paths(cfg)
+        if path not in known and not path.startswith("hydra") and not _is_open(path)
+    ]
     if unknown:
         raise unknown_key_error(unknown[0], known)
-    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
+    fixed = OmegaConf.masked_copy(cfg, [str(key) for key in cfg if key not in OPEN_SECTIONS])
+    missing = sorted(key for key in OmegaConf.missing_keys(fixed) if not key.startswith("hydra."))
     if missing:
         preset = f" model={_model_choice()}" if _model_choice() else ""
         reasons = [
@@ -124,18 +136,30 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
             for key in missing
         ]
         raise ConfigError("; ".join(reasons))
-    config = OmegaConf.to_object(cfg)
-    if not isinstance(config, TrainConfig):
+    if OmegaConf.get_type(cfg) is not TrainConfig:
         raise ConfigError(
-            f"the composed config is a {type(config).__name__}, not a TrainConfig: "
+            f"the composed config is a {OmegaConf.get_type(cfg)}, not a TrainConfig: "
             f"conf/train.yaml must list {SCHEMA_NAME!r} first in its defaults"
         )
-    return config
+    values: dict[str, Any] = {}
+    for item in fields(TrainConfig):
+        node = cfg._get_node(item.name)
+        if item.name in OPEN_SECTIONS:
+            values[item.name] = OmegaConf.to_container(node, resolve=False)
+        elif isinstance(node, DictConfig):
+            values[item.name] = OmegaConf.to_object(node)
+        else:
+            values[item.name] = cfg[item.name]
+    return TrainConfig(**values)
+
+
+def _is_open(key: str) -> bool:
+    return key.startswith(tuple(f"{section}." for section in OPEN_SECTIONS))
 
 
 def _paths(node: DictConfig, prefix: str = "") -> Iterator[str]:
     for key in node:
-        path = f"{prefix}{key}"
+        path = prefix + str(key)
         yield path
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():

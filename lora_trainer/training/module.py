@@ -1,17 +1,21 @@
 """The LightningModule: builds the Qwen3.5 stage with LoRA on each rank, runs one global batch
-per training step through megatron's (pipeline-aware) schedule, and steps AdamW."""
+per training step through megatron's (pipeline-aware) schedule, and steps AdamW. It is the
+`AdaptedModel` (`lora_trainer.export.source`) the save callback exports: `adapters`, `hf_path`,
+`lora_config`, `spec`."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -25,6 +29,7 @@ from lora_trainer.errors import CheckpointError
 from lora_trainer.lora.experts import Adapter
 from lora_trainer.lora.inject import inject_lora
 from lora_trainer.parallel.config import ParallelConfig
+from lora_trainer.qwen35.spec import Qwen35Spec
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.loss import masked_token_loss
 from lora_trainer.training.optim import build_optimizer, clip_gradients, warmup_cosine
@@ -46,6 +51,7 @@ class LoraTrainingModule(pl.LightningModule):
         self.config = config
         self.parallel = parallel
         self.hf_path = hf_path
+        self.lora_config = config.lora.to_lora_config()
         self.num_microbatches = num_microbatches
         self.automatic_optimization = False
         self.strict_loading = False
@@ -65,7 +71,7 @@ class LoraTrainingModule(pl.LightningModule):
             params_dtype(self.config.model.dtype),
             self.config.model.recompute,
         )
-        self.adapters = inject_lora(self.loaded.model, self.config.lora.to_lora_config())
+        self.adapters = inject_lora(self.loaded.model, self.lora_config)
         model_config = self.loaded.model.config
         model_config.calculate_per_token_loss = True
         model_config.finalize_model_grads_func = finalize_model_grads
@@ -76,10 +82,21 @@ class LoraTrainingModule(pl.LightningModule):
             config=model_config, ddp_config=ddp_config, module=self.loaded.model
         )
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.loaded.model.parameters() if p.requires_grad]
+    def built(self) -> LoadedModel:
+        """The model `configure_model` built on this rank."""
+        if self.loaded is None:
+            raise RuntimeError("the model is built by configure_model, which has not run yet")
+        return self.loaded
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    @property
+    def spec(self) -> Qwen35Spec:
+        """The base model's spec (once `configure_model` built it)."""
+        return self.built().spec
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.built().model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = build_optimizer(self.trainable_parameters(), self.config.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(self.config.optim, self.config.trainer.max_steps)
@@ -89,18 +106,19 @@ class LoraTrainingModule(pl.LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"},
         }
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    # torch's overloads return the `destination` argument's type; this one takes no destination.
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """Only the LoRA factors of this rank (the base is the HF checkpoint, never saved)."""
         return {
             name: p.detach().clone()
-            for name, p in self.loaded.model.named_parameters()
+            for name, p in self.built().model.named_parameters()
             if p.requires_grad
         }
 
     def load_state_dict(
-        self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
-        params = dict(self.loaded.model.named_parameters())
+        params = dict(self.built().model.named_parameters())
         missing = [name for name, p in params.items() if p.requires_grad and name not in state_dict]
         unexpected = [name for name in state_dict if name not in params]
         if missing or unexpected:
@@ -143,6 +161,8 @@ class LoraTrainingModule(pl.LightningModule):
     def training_step(self, dataloader_iter: Iterator[Any]) -> None:
         start = time.perf_counter()
         optimizer = self.optimizers()
+        assert isinstance(optimizer, LightningOptimizer), "configure_optimizers returns one"
+        assert self.ddp is not None and self.scheduler is not None, "set up by Lightning first"
         self.ddp.zero_grad_buffer()
         optimizer.zero_grad()
         losses = self._run_schedule(
@@ -150,7 +170,8 @@ class LoraTrainingModule(pl.LightningModule):
         )
         params = self.trainable_parameters()
         for param in params:
-            param.grad = param.main_grad.to(param.dtype)
+            # megatron's DDP accumulates each trainable parameter's gradient in `main_grad`.
+            param.grad = param.main_grad.to(param.dtype)  # type: ignore[attr-defined]
         norm = clip_gradients(params, self.config.optim.clip_grad)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -230,6 +251,7 @@ class LoraTrainingModule(pl.LightningModule):
         """Set the learning rate of the next step from this run's schedule: a resume restores the
         rate the saved run's schedule set, which differs when trainer.max_steps changed."""
         scheduler = self.scheduler
+        assert scheduler is not None, "configure_optimizers runs before on_train_start"
         for group, base, factor in zip(
             scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
         ):

@@ -17,12 +17,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.saves import clear_leftovers, step_of
+from lora_trainer.saves import checkpoints_dir, clear_leftovers, step_of
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.failures import clear_marker
 from lora_trainer.training.output_lock import OutputDirLock
 from lora_trainer.training.resume import start_at
-from lora_trainer.training.validate import CHECKPOINTS_DIR, ResolvedRun, validate_config
+from lora_trainer.training.validate import ResolvedRun, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def prepared_run(config: TrainConfig, first: bool) -> Iterator[ResolvedRun]:
         return
     output_dir = Path(config.output_dir).expanduser().absolute()
     with OutputDirLock(output_dir):
-        checkpoints = output_dir / CHECKPOINTS_DIR
+        checkpoints = checkpoints_dir(output_dir)
         check_writable(checkpoints)
         clear_marker(output_dir)
         for note in clear_leftovers(checkpoints):

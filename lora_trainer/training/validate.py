@@ -4,8 +4,11 @@
 (`ConfigError`, `ParallelConfigError`, `LoraConfigError`, `CheckpointError`, `DataError`), builds
 the tiny model when the config asks for it, reads and tokenizes the data into its cache (bad rows,
 a missing chat template and overlong samples with `data.overlong=error` fail here), and returns the
-`ResolvedRun` that every rank trains with. `resolve_run` computes the same `ResolvedRun` without
-building or reading data, for the local ranks Lightning relaunches after validation passed.
+`ResolvedRun` that every rank trains with. Once the single values are checked it makes the run's
+callbacks (`lora_trainer.training.instantiate`), so an entry of `callbacks` that cannot be made
+fails here.
+`resolve_run` computes the same `ResolvedRun` without building or reading data, for the local
+ranks Lightning relaunches after validation passed.
 
 Saves and resume: `lora_trainer.saves` (the layout, intact saves) and
 `lora_trainer.training.resume` (which save `resume` names, and the checks against it).
@@ -31,16 +34,16 @@ from lora_trainer.lora.config import LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35.parallel_fit import check_parallel_fits
 from lora_trainer.qwen35.spec import Qwen35Spec
-from lora_trainer.saves import is_complete_save, save_dir_name
+from lora_trainer.saves import checkpoints_dir, is_complete_save, save_dir_name
 from lora_trainer.training.choices import LoggerKind, ModelDtype
 from lora_trainer.training.config import TrainConfig
+from lora_trainer.training.instantiate import instantiate_callbacks
 from lora_trainer.training.resume import check_resume, find_resume
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ResolvedRun", "is_complete_save", "resolve_run", "validate_config"]
 
-CHECKPOINTS_DIR = "checkpoints"
 EXPORT_PROFILES: tuple[str, ...] = get_args(Profile)
 LOGGER_KINDS: tuple[str, ...] = tuple(LoggerKind)
 MODEL_DTYPES: tuple[str, ...] = tuple(ModelDtype)
@@ -77,7 +80,7 @@ class ResolvedRun:
     @property
     def checkpoints_dir(self) -> Path:
         """`output_dir/checkpoints`, the parent of every `step-N` save."""
-        return self.output_dir / CHECKPOINTS_DIR
+        return checkpoints_dir(self.output_dir)
 
     def save_dir(self, step: int) -> Path:
         """`output_dir/checkpoints/step-{step}`, the save of optimizer step `step`."""
@@ -87,6 +90,8 @@ class ResolvedRun:
 def validate_config(config: TrainConfig) -> ResolvedRun:
     """Check everything checkable before ranks start; build the tiny model if it is used; read,
     check and tokenize the data into its cache (the ranks load it from there)."""
+    _check_settings(config)
+    instantiate_callbacks(config)
     run = _resolve(config, build_tiny=True)
     _check_shards(run.hf_path)
     _check_data(config, run)
@@ -97,11 +102,11 @@ def validate_config(config: TrainConfig) -> ResolvedRun:
 
 def resolve_run(config: TrainConfig) -> ResolvedRun:
     """The `ResolvedRun` of an already validated config, without building or reading data."""
+    _check_settings(config)
     return _resolve(config, build_tiny=False)
 
 
 def _resolve(config: TrainConfig, build_tiny: bool) -> ResolvedRun:
-    _check_settings(config)
     lora = config.lora.to_lora_config()
     hf_path = _model_dir(config, build_tiny)
     spec = _spec(hf_path)
@@ -128,7 +133,7 @@ def _resolve(config: TrainConfig, build_tiny: bool) -> ResolvedRun:
         train_sources=parse_sources(config.data.train_path or TINY_SFT_PATH, "data.train_path"),
         val_sources=_data_sources(config.data.val_path, "data.val_path"),
         output_dir=output_dir,
-        resume_path=find_resume(config.resume, output_dir / CHECKPOINTS_DIR, announce=build_tiny),
+        resume_path=find_resume(config.resume, checkpoints_dir(output_dir), announce=build_tiny),
     )
 
 
