@@ -51,7 +51,8 @@ class ModelConfig:
 
 @dataclass
 class LoraSection:
-    """LoRA on the Megatron linears in `targets`; scale = alpha / r (alpha / sqrt(r) with rslora)."""
+    """LoRA on the Megatron linears in `targets`; scale = alpha / r (alpha / sqrt(r) with
+    rslora)."""
 
     r: int = 16
     alpha: float = 32.0
@@ -77,9 +78,9 @@ class LoraSection:
 
 @dataclass
 class ParallelSection:
-    """megatron-core parallel sizes; data parallel is (trainer.devices * trainer.num_nodes) / (tp * pp).
-    `ep` and `etp` split the routed experts (a dense model has none: they do not apply to it);
-    `sp` (sequence parallel) needs tp > 1."""
+    """megatron-core parallel sizes; data parallel is
+    (trainer.devices * trainer.num_nodes) / (tp * pp). `ep` and `etp` split the routed experts (a
+    dense model has none: they do not apply to it); `sp` (sequence parallel) needs tp > 1."""
 
     tp: int = 1
     pp: int = 1
@@ -105,12 +106,13 @@ class DataColumns:
 
 @dataclass
 class DataSection:
-    """SFT data; `train_path` null means the small chat dataset shipped with lora_trainer, `val_path`
-    null no validation. `train_path` / `val_path` are a path (JSONL/JSON, Parquet, a folder of
-    shards, a datasets folder) or a list of paths / `{path, weight}` / `{path, samples}` (a mixture,
-    ordered by `seed`); see `lora_trainer.data.pipeline`. `pack` packs several samples into each
-    `max_seq_len` row; `overlong` says what becomes of longer samples. Tokenized data is cached
-    under `cache_dir` (`num_proc` tokenizer processes; null: one per CPU core)."""
+    """SFT data; `train_path` null means the small chat dataset shipped with lora_trainer,
+    `val_path` null no validation. `train_path` / `val_path` are a path (JSONL/JSON, Parquet, a
+    folder of shards, a datasets folder) or a list of paths / `{path, weight}` /
+    `{path, samples}` (a mixture, ordered by `seed`); see `lora_trainer.data.pipeline`. `pack`
+    packs several samples into each `max_seq_len` row; `overlong` says what becomes of longer
+    samples. Tokenized data is cached under `cache_dir` (`num_proc` tokenizer processes; null: one
+    per CPU core)."""
 
     train_path: Any = None
     val_path: Any = None
@@ -142,7 +144,8 @@ class TrainerSection:
 
 @dataclass
 class OptimSection:
-    """Adam over the LoRA parameters: peak lr after warmup_steps, min_lr at the end of the schedule."""
+    """Adam over the LoRA parameters: peak lr after warmup_steps, min_lr at the end of the
+    schedule."""
 
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -156,7 +159,8 @@ class OptimSection:
 
 @dataclass
 class CheckpointSection:
-    """Save every every_n_steps optimizer steps to output_dir/checkpoints/step-N; keep the last keep_last."""
+    """Save every every_n_steps optimizer steps to output_dir/checkpoints/step-N; keep the last
+    keep_last."""
 
     every_n_steps: int = 20
     keep_last: int = 2

@@ -76,7 +76,8 @@ def config_keys() -> list[str]:
 
 
 def check_command_line(argv: list[str], config_dir: Path) -> None:
-    """Raise ConfigError for a multirun, an unknown override key or a config Hydra cannot compose."""
+    """Raise ConfigError for a multirun, an unknown override key or a config Hydra cannot
+    compose."""
     args = get_args_parser().parse_args(argv)
     if args.multirun:
         raise ConfigError(f"-m/--multirun: {SWEEPS_REFUSED}")
@@ -91,7 +92,8 @@ def check_command_line(argv: list[str], config_dir: Path) -> None:
             raise unknown_key_error(key, sorted(known))
         if override.is_sweep_override():
             raise ConfigError(
-                f"{override.input_line} sweeps over several values (for a list write key=[a,b]): {SWEEPS_REFUSED}"
+                f"{override.input_line} sweeps over several values (for a list write "
+                f"key=[a,b]): {SWEEPS_REFUSED}"
             )
     try:
         with initialize_config_dir(config_dir=str(config_dir.absolute()), version_base=None):
