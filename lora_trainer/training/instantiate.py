@@ -2,7 +2,8 @@
 
 Each entry of `TrainConfig.callbacks` is a Hydra `_target_` node (the import path of a callback
 class or factory, and its arguments) or null (left out); `hydra.utils.instantiate` makes it after
-resolving its interpolations (`${checkpoint.every_n_steps}`) against the whole configuration. The
+resolving its interpolations (`${checkpoint.every_n_steps}`) against the whole configuration, read
+as plain values (the values themselves are checked by `validate_config`). The
 training package never imports the `callbacks/` package: the defaults name it by `_target_`
 (`lora_trainer.training.config.default_callbacks`).
 
@@ -14,6 +15,7 @@ naming its key; every rank then makes its own in `train`.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,7 +31,7 @@ from lora_trainer.training.config import TrainConfig
 def instantiate_callbacks(config: TrainConfig) -> list[pl.Callback]:
     """The callbacks of `config.callbacks`, in their order; ConfigError naming the entry that
     cannot be made."""
-    root = OmegaConf.structured(config)
+    root = OmegaConf.create(asdict(config))
     made: list[pl.Callback] = []
     for name in config.callbacks:
         node = root.callbacks[name]
