@@ -1,5 +1,6 @@
 """The layout of saves on disk, and the rules that keep them trustworthy. Below `training/` and
-`callbacks/`, which both import it; it imports only `lora_trainer.export` and `lora_trainer.errors`.
+`callbacks/`, which both import it; it imports only `lora_trainer.files`, `lora_trainer.export`
+and `lora_trainer.errors`.
 
     OUT/checkpoints/step-N/
         training_state/rank-*.pt        one file per rank: tensors and plain values only
