@@ -638,14 +638,14 @@ def test_tiny_build_is_fsynced_before_it_is_published_and_a_failed_one_leaves_no
         raise RuntimeError("killed mid-build")
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(tiny, "_build", failing_build)
+    monkeypatch.setattr(demo_model, "_build", failing_build)
     with pytest.raises(RuntimeError, match="killed mid-build"):
         ensure_tiny_checkpoint("dense", cache)
     assert list(cache.iterdir()) == []
 
     log = tmp_path / "events.log"
     fs_events.record(monkeypatch, log)
-    monkeypatch.setattr(tiny, "_build", build)
+    monkeypatch.setattr(demo_model, "_build", build)
     final = ensure_tiny_checkpoint("dense", cache)
     fs_events.assert_synced_then_published(fs_events.read(log), final)
     assert [p.name for p in cache.iterdir()] == [final.name]
