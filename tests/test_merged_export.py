@@ -18,13 +18,14 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import lora_trainer.export.merged as merged_module
 import lora_trainer.export.peft_adapter as peft_adapter_module
 from lora_trainer.bridge.safetensors_io import INDEX_FILE
 from lora_trainer.errors import ExportError
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, STAGING_DIR, export_hf
-from lora_trainer.export.hf_lora import HFAdapter, HFLoraWeights
+from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.manifest import MANIFEST_FILE
 from lora_trainer.export.merged import write_merged_checkpoint
 from lora_trainer.export.peft_adapter import write_peft_adapter
@@ -358,3 +359,79 @@ def test_killed_export_keeps_previous_export(bases: dict, tmp_path: Path) -> Non
     assert tree_bytes(save_dir / MERGED_DIR) == {
         k.split("/", 1)[1]: v for k, v in before.items() if k.startswith(f"{MERGED_DIR}/")
     }
+
+
+def bf16_base(directory: Path) -> tuple[dict[str, torch.Tensor], HFAdapter]:
+    """A bf16 checkpoint with awkward row counts (a packed expert tensor, 2D weights of odd row
+    counts, a one-row weight, untouched tensors between them) and an adapter on its weights."""
+    generator = torch.Generator().manual_seed(5)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    base = {
+        "model.embed_tokens.weight": randn(50, 64).bfloat16(),
+        "model.layers.0.mlp.experts.gate_up_proj": randn(3, 38, 64).bfloat16(),
+        "model.layers.0.norm.weight": randn(64).bfloat16(),
+        "model.layers.0.self_attn.q_proj.weight": randn(101, 64).bfloat16(),
+        "model.layers.0.self_attn.o_proj.weight": randn(64, 96).bfloat16(),
+        "model.layers.0.mlp.shared_expert_gate.weight": randn(1, 64).bfloat16(),
+    }
+    directory.mkdir()
+    save_file(base, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text("{}\n")
+    rank = 4
+    linears = {
+        name.removeprefix("model.").removesuffix(".weight"): HFLoraWeights(
+            randn(rank, shape[1]), 0.1 * randn(shape[0], rank)
+        )
+        for name, shape in (
+            ("model.layers.0.self_attn.q_proj.weight", (101, 64)),
+            ("model.layers.0.self_attn.o_proj.weight", (64, 96)),
+            ("model.layers.0.mlp.shared_expert_gate.weight", (1, 64)),
+        )
+    }
+    experts = {
+        "layers.0.mlp.experts.gate_up_proj": HFExpertLoraWeights(
+            randn(3, rank, 64), 0.1 * randn(3, 38, rank)
+        )
+    }
+    return base, HFAdapter(linears, experts, rank, 3.0, False, "model.", "bf16")
+
+
+def reference_merge(base: dict[str, torch.Tensor], adapter: HFAdapter) -> dict[str, torch.Tensor]:
+    """Each adapted tensor as torch ops compute it on the whole matrix: the base in fp32 plus
+    (scale * b) @ a by `addmm`, rounded once to the stored dtype."""
+    factors = {
+        **{f"model.{m}.weight": (w.a[None], w.b[None]) for m, w in adapter.linears.items()},
+        **{f"model.{m}": (w.a, w.b) for m, w in adapter.experts.items()},
+    }
+    merged = dict(base)
+    for name, (a, b) in factors.items():
+        tensor = base[name].reshape(a.shape[0], -1, a.shape[-1])
+        merged[name] = (
+            torch.stack(
+                [
+                    torch.addmm(tensor[m].float(), b[m].float() * adapter.scale, a[m].float())
+                    for m in range(a.shape[0])
+                ]
+            )
+            .to(tensor.dtype)
+            .reshape(base[name].shape)
+        )
+    return merged
+
+
+def test_bf16_merge_equals_reference_bit_for_bit(tmp_path: Path) -> None:
+    base, adapter = bf16_base(tmp_path / "base")
+    export_merged(adapter, tmp_path / "base", tmp_path / "merged")
+    merged = read_all(tmp_path / "merged")
+    expected = reference_merge(base, adapter)
+    assert set(merged) == set(expected)
+    for name, tensor in expected.items():
+        assert merged[name].dtype == torch.bfloat16, name
+        assert torch.equal(merged[name], tensor), name
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"],
+        base["model.layers.0.self_attn.q_proj.weight"],
+    )
