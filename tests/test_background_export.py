@@ -358,7 +358,7 @@ import errno, os, sys
 if "lora_trainer.export" in sys.orig_argv and any(arg.endswith("step-2") for arg in sys.orig_argv):
     def _disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    os.sendfile = _disk_full
+    os.copy_file_range = _disk_full
 """
 
 

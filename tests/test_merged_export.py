@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 import lora_trainer.export.merged as merged_module
 import lora_trainer.export.peft_adapter as peft_adapter_module
+import lora_trainer.export.tiled_merge as tiled_merge_module
 from lora_trainer.bridge.safetensors_io import INDEX_FILE
 from lora_trainer.errors import ExportError
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, STAGING_DIR, export_hf
@@ -294,7 +295,7 @@ def test_disk_full_keeps_previous_export(
     before = snapshot(save_dir)
 
     if target == "merged":
-        monkeypatch.setattr(merged_module, "_copy_range", _fail_disk_full)
+        monkeypatch.setattr(merged_module, "copy_range", _fail_disk_full)
     else:
         monkeypatch.setattr(peft_adapter_module, "_pwrite", _fail_disk_full)
     with pytest.raises(ExportError, match="disk full"):
@@ -314,16 +315,16 @@ def snapshot(save_dir: Path) -> dict[str, bytes]:
 KILLED_EXPORT = textwrap.dedent(
     """
     import os, signal, sys, torch
-    import lora_trainer.export.merged as merged
+    import lora_trainer.export.tiled_merge as tiled_merge
     from lora_trainer.export.hf_export import export_hf
     from tests.export_fixtures import random_adapter
     from tests.checkpoints import build_hf_model
 
-    written = merged._write_tensor
-    def write_then_die(fd, tensor):
-        written(fd, tensor)
+    written = tiled_merge.write_at
+    def write_then_die(fd, tensor, offset):
+        written(fd, tensor, offset)
         os.kill(os.getpid(), signal.SIGKILL)
-    merged._write_tensor = write_then_die
+    tiled_merge.write_at = write_then_die
     adapter = random_adapter(build_hf_model(sys.argv[3]), sys.argv[3])
     export_hf(adapter, sys.argv[1], sys.argv[2], step=2, progress=False)
     """
@@ -422,7 +423,22 @@ def reference_merge(base: dict[str, torch.Tensor], adapter: HFAdapter) -> dict[s
     return merged
 
 
-def test_bf16_merge_equals_reference_bit_for_bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("tile_rows", "piece_tiles", "workers"), [(None, None, None), (3, 1, 2), (4, 3, 3), (7, 2, 1)]
+)
+def test_bf16_merge_equals_reference_bit_for_bit(
+    tile_rows: int | None,
+    piece_tiles: int | None,
+    workers: int | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default tiling, and tiles of a few rows (each tile of 64 or 96 columns), one to three
+    tiles a piece, on one to three threads: every tiling gives the whole-matrix result."""
+    if tile_rows is not None:
+        monkeypatch.setattr(tiled_merge_module, "TILE_BYTES", tile_rows * 4 * 64)
+        monkeypatch.setattr(tiled_merge_module, "PIECE_BYTES", piece_tiles * tile_rows * 2 * 64)
+        monkeypatch.setattr(merged_module, "MERGE_WORKERS", workers)
     base, adapter = bf16_base(tmp_path / "base")
     export_merged(adapter, tmp_path / "base", tmp_path / "merged")
     merged = read_all(tmp_path / "merged")

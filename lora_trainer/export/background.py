@@ -37,7 +37,7 @@ from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.errors import ExportError, PeerExportError
 from lora_trainer.export.hf_export import STAGING_DIR, export_hf
 from lora_trainer.export.manifest import MANIFEST_FILE
-from lora_trainer.export.merged import plan_deltas
+from lora_trainer.export.merge_plan import plan_deltas
 from lora_trainer.export.snapshot import SnapshotReader, has_snapshot, read_job, snapshot_dir
 
 logger = logging.getLogger(__name__)

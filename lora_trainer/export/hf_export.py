@@ -46,7 +46,8 @@ from lora_trainer.errors import ExportError, PeerExportError
 from lora_trainer.export.check import CHECK_MEMORY_GB, ExportCheckResult, check_export
 from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter
 from lora_trainer.export.manifest import build_manifest, write_manifest
-from lora_trainer.export.merged import shard_modules, write_merged_checkpoint
+from lora_trainer.export.merge_plan import shard_modules
+from lora_trainer.export.merged import write_merged_checkpoint
 from lora_trainer.export.peft_adapter import (
     WEIGHTS_FILE,
     Profile,

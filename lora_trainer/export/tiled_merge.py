@@ -1,0 +1,133 @@
+"""The merge of one adapted tensor, tile by tile: base rows + `scale * b @ a`, rounded once.
+
+The base tensor is seen as [matrices * out, in] (a packed expert tensor holds one [out, in]
+matrix per expert). `tiles` cuts each matrix into tiles of rows small enough to stay in cache;
+`pieces` groups consecutive tiles into pieces of a few MiB, the unit of work one thread takes.
+`merge_piece` maps the piece's bytes of the base file, and for each tile converts its rows to
+fp32 into a reused buffer, adds `scale * b @ a` there with one `addmm`, rounds the sum once back
+to the stored dtype into a second reused buffer and writes it at the same offset of the output.
+
+The result of a tile does not depend on how the rows are tiled: `addmm` gives every element the
+same sum for any tile of two rows or more (the matrix product of one row takes another path, so
+no tile has one row unless its matrix has one), which the tests check bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lora_trainer.export.merge_plan import MERGEABLE_DTYPES, LowRankDelta
+from lora_trainer.files.byte_copy import map_range, write_at
+from lora_trainer.files.safetensors_header import TensorEntry
+
+# fp32 bytes of one tile of rows (kept in cache between the conversion, the matmul and the
+# rounding), and base bytes of one piece of work.
+TILE_BYTES = 2**20
+PIECE_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rows `start : start + count` of matrix `matrix` of a tensor."""
+
+    matrix: int
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive tiles of the adapted tensor `entry`, merged and written by one thread."""
+
+    entry: TensorEntry
+    delta: LowRankDelta
+    tiles: tuple[Tile, ...]
+
+
+class Scratch:
+    """One thread's reused buffers: the fp32 tile and the rounded rows written from it."""
+
+    def __init__(self) -> None:
+        self._work = torch.empty(0, dtype=torch.float32)
+        self._out = torch.empty(0, dtype=torch.uint8)
+
+    def work(self, rows: int, fan_in: int) -> Tensor:
+        if self._work.numel() < rows * fan_in:
+            self._work = torch.empty(rows * fan_in, dtype=torch.float32)
+        return self._work[: rows * fan_in].view(rows, fan_in)
+
+    def out(self, rows: int, fan_in: int, dtype: torch.dtype) -> Tensor:
+        nbytes = rows * fan_in * dtype.itemsize
+        if self._out.numel() < nbytes:
+            self._out = torch.empty(nbytes, dtype=torch.uint8)
+        return self._out[:nbytes].view(dtype).view(rows, fan_in)
+
+
+def split_rows(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
+    """(start, count) of consecutive tiles covering `rows` rows, `tile_rows` (at least 3) rows
+    at most each; no tile has a single row unless `rows` is 1."""
+    start = 0
+    while start < rows:
+        count = min(tile_rows, rows - start)
+        if rows - start - count == 1:
+            count -= 1
+        yield start, count
+        start += count
+
+
+def tiles(entry: TensorEntry, delta: LowRankDelta) -> list[Tile]:
+    """The tiles of every matrix of `entry` (`TILE_BYTES` of fp32, at least 3 rows), in file
+    order."""
+    fan_in = entry.shape[-1]
+    per_matrix = math.prod(entry.shape[:-1]) // delta.matrices
+    tile_rows = max(3, TILE_BYTES // (4 * fan_in))
+    return [
+        Tile(matrix, start, count)
+        for matrix in range(delta.matrices)
+        for start, count in split_rows(per_matrix, tile_rows)
+    ]
+
+
+def pieces(entry: TensorEntry, delta: LowRankDelta) -> Iterator[Piece]:
+    """The tiles of `entry` grouped into pieces of about `PIECE_BYTES` base bytes, in file order."""
+    row_bytes = entry.shape[-1] * MERGEABLE_DTYPES[entry.dtype].itemsize
+    group: list[Tile] = []
+    size = 0
+    for tile in tiles(entry, delta):
+        group.append(tile)
+        size += tile.count * row_bytes
+        if size >= PIECE_BYTES:
+            yield Piece(entry, delta, tuple(group))
+            group, size = [], 0
+    if group:
+        yield Piece(entry, delta, tuple(group))
+
+
+def merge_piece(src: int, dst: int, piece: Piece, scratch: Scratch) -> int:
+    """Merge the rows of `piece` read from the base file `src` and write them at the same offsets
+    of `dst`; returns the number of bytes written."""
+    entry, first, last = piece.entry, piece.tiles[0], piece.tiles[-1]
+    dtype = MERGEABLE_DTYPES[entry.dtype]
+    fan_in = entry.shape[-1]
+    per_matrix = math.prod(entry.shape[:-1]) // piece.delta.matrices
+    row_bytes = fan_in * dtype.itemsize
+    begin = first.matrix * per_matrix + first.start
+    end = last.matrix * per_matrix + last.start + last.count
+    source = map_range(src, entry.start + begin * row_bytes, entry.start + end * row_bytes)
+    base = source.view(dtype).view(end - begin, fan_in)
+    a, b = piece.delta.factors(first.matrix, last.matrix + 1)
+    for tile in piece.tiles:
+        row = tile.matrix * per_matrix + tile.start
+        work = scratch.work(tile.count, fan_in)
+        work.copy_(base[row - begin : row - begin + tile.count])
+        index = tile.matrix - first.matrix
+        torch.addmm(work, b[index, tile.start : tile.start + tile.count], a[index], out=work)
+        out = scratch.out(tile.count, fan_in, dtype)
+        out.copy_(work)
+        write_at(dst, out, entry.start + row * row_bytes)
+    return (end - begin) * row_bytes
