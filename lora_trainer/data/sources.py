@@ -31,6 +31,7 @@ from lora_trainer.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+PARQUET_BATCH_ROWS = 1_000
 SUPPORTED = (
     "a .jsonl/.json file, a .parquet file, a folder of .parquet or .jsonl shards, "
     "or a datasets.save_to_disk folder"
@@ -39,7 +40,8 @@ SUPPORTED = (
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved data path: `kind` is jsonl, json_array, parquet or arrow; `files` in read order."""
+    """A resolved data path: `kind` is jsonl, json_array, parquet or arrow; `files` in read
+    order."""
 
     path: Path
     kind: str
@@ -120,7 +122,8 @@ def _json_array(files: list[str]) -> Iterator[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Locator:
-    """Names a row: ``file:line`` (JSONL), ``file[i]`` (JSON array), ``file row i`` (Parquet, Arrow).
+    """Names a row: ``file:line`` (JSONL), ``file[i]`` (JSON array), ``file row i`` (Parquet,
+    Arrow).
 
     JSON rows are named by their `shard` and `line` columns, the others by the row index.
     """
@@ -168,10 +171,7 @@ def load_rows(source: Source, cache_dir: Path) -> tuple[Any, Locator]:
             )
             starts: tuple[int, ...] = (0,)
         elif source.kind == "parquet":
-            import pyarrow.parquet as pq
-
-            counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
-            rows = datasets.Dataset.from_parquet(files, cache_dir=str(cache_dir))
+            rows, counts = _parquet_rows(files, cache_dir / "rows.arrow")
             starts = tuple(sum(counts[:k]) for k in range(len(counts)))
         else:
             loaded = datasets.load_from_disk(str(source.path))
@@ -179,7 +179,8 @@ def load_rows(source: Source, cache_dir: Path) -> tuple[Any, Locator]:
                 if len(loaded) != 1:
                     raise DataError(
                         f"{source.path} is a DatasetDict with splits {', '.join(loaded)}; point "
-                        f"the data path at one split folder, e.g. {source.path / next(iter(loaded))}"
+                        "the data path at one split folder, e.g. "
+                        f"{source.path / next(iter(loaded))}"
                     )
                 loaded = next(iter(loaded.values()))
             rows, starts = loaded, (0,)
@@ -188,6 +189,36 @@ def load_rows(source: Source, cache_dir: Path) -> tuple[Any, Locator]:
     except Exception as err:  # pyarrow and datasets raise many kinds for unreadable files
         raise DataError(f"cannot read {source.path}: {type(err).__name__}: {err}") from err
     return rows, Locator(source, starts)
+
+
+def _parquet_rows(files: list[str], path: Path) -> tuple[Any, list[int]]:
+    """The Parquet files' rows copied into one Arrow file at `path`, memory-mapped, and each
+    file's row count.
+
+    The rows are read `PARQUET_BATCH_ROWS` at a time, on this thread, without buffering a file's
+    column chunks ahead (Arrow's pre-buffering and its scanner threads keep allocator memory that
+    grows with the file), and cast to the first file's schema, as `datasets.Dataset.from_parquet`
+    does.
+    """
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import table_cast
+
+    features = datasets.Features.from_arrow_schema(pq.read_schema(files[0]))
+    schema = features.arrow_schema
+    counts = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for name in files:
+            with pq.ParquetFile(name, pre_buffer=False) as parquet:
+                counts.append(parquet.metadata.num_rows)
+                for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, use_threads=False):
+                    writer.write_table(table_cast(pa.Table.from_batches([batch]), schema))
+        writer.finalize()
+    info = datasets.DatasetInfo(features=features)
+    return datasets.Dataset.from_file(str(path), info=info), counts
 
 
 def _fingerprint(source: Source) -> str:
