@@ -43,6 +43,7 @@ from lora_trainer.errors import DataError
 CACHE_VERSION = 1
 MAX_LOCATIONS = 5
 ROWS_PER_PROCESS = 10_000
+MAP_BATCH_ROWS = 1_000
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -77,8 +78,14 @@ class Summary:
         kept = self.counts.get("KEPT", 0) + self.counts.get("TRUNCATED", 0)
         parts = [f"{key}: {source}: {kept} of {self.rows} samples kept"]
         described = {
-            "TRUNCATED": f"longer than data.max_seq_len={settings.max_seq_len} tokens, truncated (data.overlong=truncate)",
-            "OVERLONG": f"longer than data.max_seq_len={settings.max_seq_len} tokens, dropped (data.overlong=drop)",
+            "TRUNCATED": (
+                f"longer than data.max_seq_len={settings.max_seq_len} tokens, truncated "
+                "(data.overlong=truncate)"
+            ),
+            "OVERLONG": (
+                f"longer than data.max_seq_len={settings.max_seq_len} tokens, dropped "
+                "(data.overlong=drop)"
+            ),
             "UNTRAINED": "train no token (within data.max_seq_len), dropped",
         }
         for name, what in described.items():
@@ -170,15 +177,7 @@ def _tokenize_batch(
 ) -> dict[str, list[Any]]:
     tokenize = _sample_tokenizer(model_dir, settings)
     json_rows = "text" in batch and locator.source.kind in ("jsonl", "json_array")
-    out: dict[str, list[Any]] = {
-        "input_ids": [],
-        "loss_mask": [],
-        "length": [],
-        "status": [],
-        "row": [],
-        "shard": [],
-        "line": [],
-    }
+    out: dict[str, list[Any]] = {"input_ids": [], "loss_mask": [], "length": [], "status": []}
     for k, index in enumerate(indices):
         shard, line = (batch["shard"][k], batch["line"][k]) if json_rows else (0, 0)
         location = locator(index, shard, line)
@@ -199,13 +198,10 @@ def _tokenize_batch(
             require_chat_template(tokenize.tokenizer, model_dir)
         tokenized, status = tokenize(sample)
         keep = status in (Status.KEPT, Status.TRUNCATED)
-        out["input_ids"].append(tokenized.input_ids if keep else [])
-        out["loss_mask"].append(tokenized.loss_mask if keep else [])
+        out["input_ids"].append(np.asarray(tokenized.input_ids if keep else [], dtype=np.int32))
+        out["loss_mask"].append(np.asarray(tokenized.loss_mask if keep else [], dtype=np.int8))
         out["length"].append(len(tokenized))
         out["status"].append(int(status))
-        out["row"].append(index)
-        out["shard"].append(shard)
-        out["line"].append(line)
     return out
 
 
@@ -218,33 +214,37 @@ def _features() -> Any:
             "loss_mask": datasets.Sequence(datasets.Value("int8")),
             "length": datasets.Value("int32"),
             "status": datasets.Value("int8"),
-            "row": datasets.Value("int64"),
-            "shard": datasets.Value("int32"),
-            "line": datasets.Value("int64"),
         }
     )
 
 
-def _summarize(tokenized: Any, locator: Locator) -> Summary:
+def _summarize(tokenized: Any, rows: Any, locator: Locator) -> Summary:
     """Counts by `Status` and the first locations of each dropped or truncated kind, reading the
-    status column chunk by chunk (memory does not grow with the row count)."""
+    status column chunk by chunk (memory does not grow with the row count); JSON rows are
+    located by their `shard` and `line` in `rows`."""
     counts = np.zeros(len(Status), dtype=np.int64)
     firsts: dict[Status, list[int]] = {kind: [] for kind in Status if kind != Status.KEPT}
     offset = 0
     for chunk in tokenized.data.column("status").chunks:
         status = chunk.to_numpy()
         counts += np.bincount(status, minlength=len(Status))
-        for kind, rows in firsts.items():
-            if len(rows) < MAX_LOCATIONS:
-                rows += (
-                    np.flatnonzero(status == kind)[: MAX_LOCATIONS - len(rows)] + offset
-                ).tolist()
+        for kind, indices in firsts.items():
+            if len(indices) < MAX_LOCATIONS:
+                found = np.flatnonzero(status == kind)[: MAX_LOCATIONS - len(indices)]
+                indices += (found + offset).tolist()
         offset += len(status)
     examples = {}
-    for kind, rows in firsts.items():
-        if rows:
-            first = tokenized.select(rows).select_columns(["row", "shard", "line"])
-            examples[kind.name] = [locator(r["row"], r["shard"], r["line"]) for r in first]
+    for kind, indices in firsts.items():
+        if not indices:
+            continue
+        if locator.source.kind in ("jsonl", "json_array"):
+            lines = rows.select(indices).select_columns(["shard", "line"])
+            examples[kind.name] = [
+                locator(index, line["shard"], line["line"])
+                for index, line in zip(indices, lines, strict=True)
+            ]
+        else:
+            examples[kind.name] = [locator(index) for index in indices]
     return Summary(
         offset, {kind.name: int(counts[kind]) for kind in Status if counts[kind]}, examples
     )
@@ -340,7 +340,7 @@ def _build(
         tokenized = rows.map(
             _tokenize_batch,
             batched=True,
-            batch_size=256,
+            batch_size=MAP_BATCH_ROWS,
             with_indices=True,
             remove_columns=rows.column_names,
             features=_features(),
@@ -355,7 +355,7 @@ def _build(
             new_fingerprint=folder.name,
             desc=f"Tokenizing {source.path.name}",
         )
-        summary = _summarize(tokenized, locator)
+        summary = _summarize(tokenized, rows, locator)
         kept = tokenized.filter(
             _kept,
             input_columns="status",
