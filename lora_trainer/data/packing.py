@@ -28,7 +28,8 @@ Unpacked mode is the same with one sample per row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -39,6 +40,7 @@ from lora_trainer.data.tokenize import TokenizedSample
 from lora_trainer.errors import DataError
 
 IGNORE_INDEX = -100
+LENGTH_CHUNK = 65_536
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,15 @@ def sample_labels(sample: TokenizedSample) -> list[int]:
     return [*labels, IGNORE_INDEX]
 
 
-def check_lengths(lengths: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
-    """`lengths` as an int64 array; `DataError` unless every one is in 1..`seq_len`."""
+def check_lengths(lengths: Sequence[int] | np.ndarray, seq_len: int, first: int = 0) -> np.ndarray:
+    """`lengths` as an int64 array; `DataError` unless every one is in 1..`seq_len`. `first` is
+    the index of `lengths[0]` among all samples (for the error)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     bad = np.flatnonzero((lengths < 1) | (lengths > seq_len))
     if len(bad):
-        raise DataError(f"sample {bad[0]} has {lengths[bad[0]]} tokens; a row holds 1..{seq_len}")
+        raise DataError(
+            f"sample {first + bad[0]} has {lengths[bad[0]]} tokens; a row holds 1..{seq_len}"
+        )
     return lengths
 
 
@@ -75,16 +80,26 @@ def greedy_pack(lengths: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray
     ``starts[g]:starts[g + 1]`` (so ``len(starts) == rows + 1``). Every sample must be
     1..`seq_len` tokens long (tokenization drops or truncates longer ones).
     """
-    lengths = check_lengths(lengths, seq_len)
-    starts = [0]
-    used = 0
-    for index, length in enumerate(lengths.tolist()):
-        if used + length > seq_len:
-            starts.append(index)
-            used = 0
-        used += length
-    starts.append(len(lengths))
-    return np.asarray(starts if len(lengths) else [0], dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    chunks = (lengths[i : i + LENGTH_CHUNK] for i in range(0, len(lengths), LENGTH_CHUNK))
+    return greedy_pack_chunks(chunks, seq_len)
+
+
+def greedy_pack_chunks(chunks: Iterable[np.ndarray], seq_len: int) -> np.ndarray:
+    """`greedy_pack` of the lengths given chunk by chunk, in order: memory holds one chunk and
+    the row boundaries (8 bytes per row), whatever the number of samples."""
+    starts = array("q", [0])
+    used = index = 0
+    for chunk in chunks:
+        for length in check_lengths(chunk, seq_len, index).tolist():
+            if used + length > seq_len:
+                starts.append(index)
+                used = 0
+            used += length
+            index += 1
+    if index:
+        starts.append(index)
+    return np.frombuffer(starts, dtype=np.int64)
 
 
 def build_row(samples: Sequence[TokenizedSample], seq_len: int, pad_id: int) -> PackedRow:
@@ -119,9 +134,11 @@ class TokenizedRows(Sequence[TokenizedSample]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def lengths(self) -> np.ndarray:
-        """Every sample's token count, in order."""
-        return np.asarray(self.dataset.with_format("numpy")["length"], dtype=np.int64)
+    def length_chunks(self) -> Iterator[np.ndarray]:
+        """Every sample's token count, in order, `LENGTH_CHUNK` samples at a time."""
+        lengths = self.dataset.select_columns(["length"]).with_format("numpy")
+        for start in range(0, len(lengths), LENGTH_CHUNK):
+            yield lengths[start : start + LENGTH_CHUNK]["length"]
 
     @overload
     def __getitem__(self, index: int) -> TokenizedSample: ...
@@ -141,9 +158,11 @@ class TokenizedRows(Sequence[TokenizedSample]):
 class PackedDataset(torch.utils.data.Dataset[PackedRow]):
     """Rows built on access from tokenized samples and the row boundaries over them.
 
-    `pack=True` groups samples with `greedy_pack`; `pack=False` puts one sample in each row.
-    `samples` is a list of `TokenizedSample`s or `TokenizedRows` over a memory-mapped dataset;
-    rows are built when indexed, so memory holds no padded copies.
+    `pack=True` groups samples with `greedy_pack` and keeps the row boundaries, `starts` (8 bytes
+    per row); `pack=False` puts sample `i` alone in row `i` and keeps none (`starts` is None).
+    `samples` is a list of `TokenizedSample`s or `TokenizedRows` over a memory-mapped dataset,
+    whose lengths are read `LENGTH_CHUNK` at a time; rows are built when indexed, so memory holds
+    no padded copies.
     """
 
     def __init__(
@@ -157,19 +176,27 @@ class PackedDataset(torch.utils.data.Dataset[PackedRow]):
         self.seq_len = seq_len
         self.pad_id = pad_id
         if isinstance(samples, TokenizedRows):
-            lengths = samples.lengths()
+            chunks: Iterable[np.ndarray] = samples.length_chunks()
         else:
-            lengths = np.asarray([len(sample) for sample in samples], dtype=np.int64)
+            chunks = [np.asarray([len(sample) for sample in samples], dtype=np.int64)]
+        self.starts: np.ndarray | None = None
         if pack:
-            self.starts = greedy_pack(lengths, seq_len)
+            self.starts = greedy_pack_chunks(chunks, seq_len)
         else:
-            self.starts = np.arange(len(check_lengths(lengths, seq_len)) + 1, dtype=np.int64)
+            first = 0
+            for chunk in chunks:
+                first += len(check_lengths(chunk, seq_len, first))
 
     def __len__(self) -> int:
-        return len(self.starts) - 1
+        return len(self.samples) if self.starts is None else len(self.starts) - 1
 
     def __getitem__(self, index: int) -> PackedRow:
-        first, end = int(self.starts[index]), int(self.starts[index + 1])
+        if self.starts is None:
+            if not 0 <= index < len(self.samples):
+                raise IndexError(f"row {index} of {len(self.samples)}")
+            first, end = index, index + 1
+        else:
+            first, end = int(self.starts[index]), int(self.starts[index + 1])
         return build_row(self.samples[first:end], self.seq_len, self.pad_id)
 
 
