@@ -2,9 +2,10 @@
 
 For each `--rows` count, in a temporary directory: writes a Parquet dataset of that many chat rows
 (the tiny SFT generator, in 50,000-row row groups, from a separate process), builds the tiny
-tokenizer (Qwen3.5 chat template), then tokenizes the dataset with
-`lora_trainer.data.pipeline.tokenize_source` in a fresh subprocess (`--num-proc` tokenizer
-processes) and reports its wall time, rows/s and peak memory (Linux `/proc`):
+tokenizer (Qwen3.5 chat template), then, in a fresh subprocess, tokenizes the dataset with
+`lora_trainer.data.pipeline.tokenize_source` (`--num-proc` tokenizer processes) and builds the
+packing plan of its samples (`PackedDataset`, 256 tokens a row), and reports the wall time of the
+tokenization, rows/s and peak memory (Linux `/proc`):
 
 - peak RSS: the measuring process's `VmHWM`; it counts the pages of the memory-mapped Arrow files
   the process has read (page cache shared with the file system, dropped under memory pressure),
@@ -13,11 +14,20 @@ processes) and reports its wall time, rows/s and peak memory (Linux `/proc`):
   tokenizer processes together: the memory the pipeline itself holds, which must not grow with
   the row count.
 
-Then a second run on the same data, which must load the cache instead. Prints one line per size
-and the ratios of the largest size to the smallest: rows/s (goal ~1: tokenization scales
-linearly) and peak anonymous RSS (goal ~1). Deletes everything it wrote.
+Then a second run on the same data, which must load the cache instead. Prints one line per size,
+then the ratios of the largest size to the smallest (rows/s: goal ~1, tokenization scales
+linearly) and the growth of each peak anonymous RSS per row between them, in bytes (goal: a few
+bytes). What still grows with the rows, all of it bounded by design:
 
-    python benchmarks/data_tokenize.py [--rows 100000 1000000] [--num-proc 2]
+- the packing plan, 8 bytes per packed row (its first sample's index), in RAM for the whole run
+  (a packed row holds several samples: ~3 bytes per sample here);
+- the metadata of the Arrow record batches of the memory-mapped tables the tokenizing process
+  opens (~1 KiB per record batch and column; batches of 1,000 rows: ~4 bytes per row while
+  tokenizing, ~3 bytes per row for the cached samples every rank opens);
+- what `datasets` writes to disk, memory-mapped, not in RAM: the source rows in Arrow, the
+  tokenized rows, the kept rows' indices (8 bytes per row) and the samples.
+
+    python benchmarks/data_tokenize.py [--rows 100000 300000 1000000] [--num-proc 2]
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import time
 from pathlib import Path
 
 CHUNK = 50_000
+SEQ_LEN = 256
 
 
 def generate(path: Path, rows: int) -> None:
@@ -102,6 +113,7 @@ def measure(data: Path, tokenizer_dir: Path, cache: Path, num_proc: int) -> None
     from transformers import AutoTokenizer  # noqa: F401
 
     from lora_trainer.data.formats import Columns
+    from lora_trainer.data.packing import PackedDataset, TokenizedRows
     from lora_trainer.data.pipeline import SourceSpec, tokenize_source
     from lora_trainer.data.tokenize import TokenizeSettings
 
@@ -111,13 +123,14 @@ def measure(data: Path, tokenizer_dir: Path, cache: Path, num_proc: int) -> None
     samples, summary = tokenize_source(
         SourceSpec(data),
         model_dir=tokenizer_dir,
-        settings=TokenizeSettings(max_seq_len=256),
+        settings=TokenizeSettings(max_seq_len=SEQ_LEN),
         columns=Columns(),
         cache_dir=cache,
         key="data.train_path",
         num_proc=num_proc,
     )
     seconds = time.perf_counter() - start
+    packed = PackedDataset(TokenizedRows(samples), SEQ_LEN, pad_id=0)
     sampler.stop.set()
     sampler.join()
     print(
@@ -125,6 +138,7 @@ def measure(data: Path, tokenizer_dir: Path, cache: Path, num_proc: int) -> None
             {
                 "rows": summary.rows,
                 "kept": len(samples),
+                "packed_rows": len(packed),
                 "seconds": seconds,
                 "rows_per_s": summary.rows / seconds,
                 "peak_rss_mib": vm_hwm_mib(),
@@ -144,7 +158,7 @@ def run(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
@@ -187,23 +201,26 @@ def main() -> None:
             results[rows] = first
             print(
                 f"{rows:>9,} rows: {first['rows_per_s']:6.0f} rows/s ({first['seconds']:.0f} s, "
-                f"{args.num_proc} processes); peak anonymous RSS {first['peak_anon_mib']:.0f} MiB "
-                f"(with the tokenizer processes {first['peak_anon_all_mib']:.0f} MiB), peak RSS "
-                f"{first['peak_rss_mib']:.0f} MiB; cached reload {again['seconds']:.2f} s",
+                f"{args.num_proc} processes), {first['packed_rows']:,} packed rows; peak anonymous "
+                f"RSS {first['peak_anon_mib']:.1f} MiB (with the tokenizer processes "
+                f"{first['peak_anon_all_mib']:.1f} MiB), peak RSS {first['peak_rss_mib']:.0f} MiB; "
+                f"cached reload {again['seconds']:.2f} s",
                 flush=True,
             )
             data.unlink()
-    small, large = results[min(results)], results[max(results)]
+    small, large = min(results), max(results)
 
     def ratio(key: str) -> float:
-        return large[key] / max(small[key], 1.0)
+        return results[large][key] / max(results[small][key], 1.0)
+
+    def per_row(key: str) -> float:
+        return (results[large][key] - results[small][key]) * 2**20 / max(large - small, 1)
 
     print(
-        f"{max(results):,} / {min(results):,} rows: rows/s x{ratio('rows_per_s'):.2f}, peak "
-        "anonymous "
-        f"RSS x{ratio('peak_anon_mib'):.2f} (with the tokenizer processes "
-        f"x{ratio('peak_anon_all_mib'):.2f}), "
-        f"peak RSS x{ratio('peak_rss_mib'):.2f}"
+        f"{large:,} / {small:,} rows: rows/s x{ratio('rows_per_s'):.2f}, peak RSS "
+        f"x{ratio('peak_rss_mib'):.2f}; peak anonymous RSS x{ratio('peak_anon_mib'):.2f}, "
+        f"{per_row('peak_anon_mib'):+.1f} bytes per row (with the tokenizer processes "
+        f"x{ratio('peak_anon_all_mib'):.2f}, {per_row('peak_anon_all_mib'):+.1f} bytes per row)"
     )
 
 
