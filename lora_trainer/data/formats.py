@@ -7,7 +7,8 @@ Accepted rows (column names configurable with `Columns`):
   parts, joined); an assistant message may carry `reasoning_content` and `tool_calls`
   (``{"type": "function", "function": {"name": ..., "arguments": ...}}`` or the bare function
   object, `arguments` a JSON string or an object; its null content becomes ""); a tool message
-  may carry `name` and `tool_call_id`. `tools` is a list of function schemas, or a JSON string of one.
+  may carry `name` and `tool_call_id`. `tools` is a list of function schemas, or a JSON string of
+  one.
 - ShareGPT: ``{"conversations": [{"from": ..., "value": ...}, ...], "system": ..., "tools": ...}``
   with `from` one of system, human, gpt, function_call (value: a JSON object ``{"name",
   "arguments"}`` or a list of them), observation; mapped to the OpenAI form above.

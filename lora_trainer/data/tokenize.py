@@ -62,7 +62,8 @@ class TokenizeSettings:
 
 
 class Status(IntEnum):
-    """What became of a sample: kept whole, kept truncated, or dropped (too long / nothing trained)."""
+    """What became of a sample: kept whole, kept truncated, or dropped (too long / nothing
+    trained)."""
 
     KEPT = 0
     TRUNCATED = 1
@@ -158,7 +159,8 @@ class TemplateMarkers:
             raise DataError("the chat template does not render the assistant content verbatim")
         last_header, _, eot = last_turn.partition(_PROBE_ASSISTANT)
         history_header = history_turn.partition(_PROBE_ASSISTANT)[0]
-        header = os.path.commonprefix([generated, last_header, history_header])
+        # The common prefix of three texts (character by character, as wanted here).
+        header = os.path.commonprefix([generated, last_header, history_header])  # noqa: RUF071
         if not header or not eot:
             raise DataError(
                 "the chat template has no fixed assistant header or end-of-turn text, so "
@@ -167,7 +169,7 @@ class TemplateMarkers:
         return cls(header, generated[len(header) :], last_header[len(header) :], eot)
 
     def assistant_spans(self, text: str, count: int, where: str) -> list[tuple[int, int]]:
-        """The `[start, end)` trained characters of each of the `count` assistant turns in `text`."""
+        """The `[start, end)` trained characters of the `count` assistant turns in `text`."""
         if text.count(self.header) != count:
             raise DataError(
                 f"{where}the rendered conversation holds the assistant header {self.header!r} "

@@ -23,7 +23,8 @@ class ZeroCenteredRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(size))
-        self.weight.sequence_parallel = sequence_parallel
+        # megatron all-reduces the gradients of parameters so flagged over the tensor-parallel group
+        self.weight.sequence_parallel = sequence_parallel  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (_rms_normalize(x, self.eps) * (1.0 + self.weight.float())).type_as(x)

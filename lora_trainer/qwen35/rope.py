@@ -11,6 +11,8 @@ from torch import nn
 
 
 class PartialRotaryEmbedding(nn.Module):
+    inv_freq: torch.Tensor
+
     def __init__(self, rotary_dim: int, theta: float) -> None:
         super().__init__()
         self.rotary_dim = rotary_dim
