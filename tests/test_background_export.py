@@ -20,8 +20,8 @@ import torch
 from callbacks.checkpoint_export import CheckpointExportCallback
 from lora_trainer.errors import ExportError
 from lora_trainer.export.background import FileBarrier, failure_messages, run_export_share
+from lora_trainer.export.hf_adapter_weights import HFAdapter
 from lora_trainer.export.hf_export import export_hf
-from lora_trainer.export.hf_lora import HFAdapter
 from lora_trainer.export.snapshot import (
     SNAPSHOT_DIR,
     SnapshotReader,

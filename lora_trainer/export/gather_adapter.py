@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 
 from lora_trainer.bridge.gather import gather_shards, merge_from_all_ranks
 from lora_trainer.bridge.loader import group_rank_size
-from lora_trainer.export.hf_lora import (
+from lora_trainer.export.hf_adapter_weights import (
     DistributedAdapter,
     HFAdapter,
     LocalFactors,

@@ -45,7 +45,7 @@ from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.errors import ExportError, PeerExportError
 from lora_trainer.export.atomic import atomic_directory, cleanup_stale_temporaries, export_error
 from lora_trainer.export.check import CHECK_MEMORY_GB, ExportCheckResult, check_export
-from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter
+from lora_trainer.export.hf_adapter_weights import DistributedAdapter, HFAdapter
 from lora_trainer.export.manifest import build_manifest, write_manifest
 from lora_trainer.export.merged import shard_modules, write_merged_checkpoint
 from lora_trainer.export.peft_adapter import (

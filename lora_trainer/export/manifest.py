@@ -20,7 +20,7 @@ from typing import Any
 
 from lora_trainer.export.atomic import atomic_write_json
 from lora_trainer.export.check import ExportCheckResult
-from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter
+from lora_trainer.export.hf_adapter_weights import DistributedAdapter, HFAdapter
 
 MANIFEST_FILE = "export_manifest.json"
 FORMAT_VERSION = 1

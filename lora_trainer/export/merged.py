@@ -45,7 +45,7 @@ from tqdm import tqdm
 from lora_trainer.bridge.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from lora_trainer.errors import CheckpointError, ExportError
 from lora_trainer.export.atomic import export_error
-from lora_trainer.export.hf_lora import HFAdapter
+from lora_trainer.export.hf_adapter_weights import HFAdapter
 from lora_trainer.export.peft_adapter import PER_EXPERT_MODULES
 
 # Bytes of one block of rows of an adapted tensor read, merged and written at a time (at least one

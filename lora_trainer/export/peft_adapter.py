@@ -29,7 +29,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights, LocalFactors
+from lora_trainer.export.hf_adapter_weights import (
+    HFAdapter,
+    HFExpertLoraWeights,
+    HFLoraWeights,
+    LocalFactors,
+)
 
 Profile = Literal["peft", "per_expert"]
 

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from lora_trainer.errors import ExportError
 from lora_trainer.export.atomic import atomic_write_json, export_error
 from lora_trainer.export.check import CHECK_MEMORY_GB
-from lora_trainer.export.hf_lora import HFAdapter, hf_weights_from_factors
+from lora_trainer.export.hf_adapter_weights import HFAdapter, hf_weights_from_factors
 
 SNAPSHOT_DIR = "export_snapshot"
 JOB_FILE = "job.json"
