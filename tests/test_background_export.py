@@ -34,6 +34,7 @@ from lora_trainer.export.hf_adapter_weights import (
 )
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.merged import shard_modules
+from lora_trainer.export.peft_adapter import Profile, write_peft_adapter
 from lora_trainer.export.snapshot import (
     FACTORS_FILE,
     SNAPSHOT_DIR,
@@ -140,12 +141,17 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, HFAdapter]:
 def synchronous_exports(
     base: tuple[Path, HFAdapter], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
-    """The synchronous export of `base`'s adapter in each profile."""
+    """The synchronous export of `base`'s adapter in each profile; its adapter file is the one
+    `write_peft_adapter` makes from the whole adapter in memory, byte for byte."""
     path, adapter = base
     root = tmp_path_factory.mktemp("sync")
-    for profile in ("peft", "per_expert"):
+    profiles: tuple[Profile, ...] = ("peft", "per_expert")
+    for profile in profiles:
         export_hf(adapter, path, root / profile, step=7, profile=profile, progress=False)
-    return {profile: root / profile for profile in ("peft", "per_expert")}
+        (root / f"{profile}-whole").mkdir()
+        write_peft_adapter(adapter, root / f"{profile}-whole", profile)
+        assert _files(root / profile / "hf_adapter") == _files(root / f"{profile}-whole")
+    return {profile: root / profile for profile in profiles}
 
 
 class SnapshotReads:
@@ -244,7 +250,7 @@ def test_workers_read_only_their_share_and_equal_the_synchronous_export(
             owner.setdefault(key, rank)
     whole = sum(_pair_bytes(pair) for pair in DistributedAdapter.of(adapter).local.values())
     largest = max(_pair_bytes(pair) for factors in snapshot for pair in factors.values())
-    share = defaultdict(int)
+    share: dict[str, int] = defaultdict(int)
     for key, rank in owner.items():
         share[f"worker-{rank % workers}"] += _pair_bytes(snapshot[rank][key])
     assert sum(share.values()) == whole
