@@ -419,6 +419,10 @@ def test_background_saves_equal_synchronous_saves(synchronous_run: Path, tmp_pat
         assert_same_exports(save, synchronous_run / f"step-{step}")
         manifest = json.loads((save / "export_manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["check"]["passed"]
+        synchronous = json.loads(
+            (synchronous_run / f"step-{step}" / "export_manifest.json").read_text()
+        )
+        assert manifest["adapter"] == synchronous["adapter"]
         assert manifest["export_started_at"] <= manifest["export_finished_at"]
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     times = [record["time"] for record in records]
