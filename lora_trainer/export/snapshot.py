@@ -244,6 +244,9 @@ class _FactorsOnDisk(Mapping[tuple[str, int | None], tuple[torch.Tensor, torch.T
         a, b = _read(entry.path, entry.a, entry.b)
         return a, b
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
     def __iter__(self) -> Iterator[tuple[str, int | None]]:
         return iter(self._entries)
 
