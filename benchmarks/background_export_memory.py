@@ -6,9 +6,9 @@ rank-16 adapter on every LoRA target, snapshotted as a save on 2 expert-parallel
 (each rank its half of every expert module, rank 0 also the dense linears). Then the export runs
 as a training run makes it: 2 worker processes `python -m lora_trainer.export SAVE --rank K
 --world-size 2` (`--workers 2`), or as an interrupted export is completed, in one process
-`python -m lora_trainer.export SAVE` (`--workers 1`). Prints each worker's peak RSS (the exited
-child's getrusage), that of a process that only imports the export (the baseline), and the size
-of the adapter's factors; `--adapter-only` leaves the merged checkpoint out of the job.
+`python -m lora_trainer.export SAVE` (`--workers 1`). Prints each worker's peak RSS (its VmHWM at
+exit), that of a process that only imports the export (`--help`: the baseline), and the size of
+the adapter's factors; `--adapter-only` leaves the merged checkpoint out of the job.
 
     python benchmarks/background_export_memory.py --work DIR [--workers 2] [--adapter-only]
 
@@ -68,21 +68,46 @@ def write_snapshot(save: Path, base: Path, write_merged: bool) -> int:
     return linears + sum((w.a.numel() + w.b.numel()) * 4 for w in adapter.experts.values())
 
 
-def peak_rss(commands: list[list[str]]) -> tuple[list[int], float]:
-    """Run `commands` at once; each one's peak RSS in bytes, and the wall time until all ended."""
+# Runs `python -m lora_trainer.export ARGS` and writes the process's own peak RSS (VmHWM, kB) into
+# the file named first. (A child's getrusage peak would count the pages it shared with this
+# process before exec.)
+_MEASURED = """
+import atexit, runpy, sys
+peak_file = sys.argv.pop(1)
+def report():
+    status = open("/proc/self/status").read().splitlines()
+    peak = next(line for line in status if line.startswith("VmHWM:"))
+    open(peak_file, "w").write(peak.split()[1])
+atexit.register(report)
+sys.argv[0] = "lora_trainer.export"
+runpy.run_module("lora_trainer.export", run_name="__main__", alter_sys=True)
+"""
+
+
+def peak_rss(work: Path, arguments: list[list[str]]) -> tuple[list[int], float]:
+    """Run `python -m lora_trainer.export` with each of `arguments` at once; each one's peak RSS
+    in bytes, and the wall time until all ended."""
     root = str(Path(lora_trainer.__file__).resolve().parent.parent)
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    files = [work / f"peak-{index}" for index in range(len(arguments))]
     started = time.perf_counter()
-    processes = [subprocess.Popen(command, env=env) for command in commands]
-    peaks = []
-    for command, process in zip(commands, processes, strict=True):
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != 0:
-            raise SystemExit(f"{' '.join(command)} exited with {process.returncode}")
-        peaks.append(usage.ru_maxrss * 1024)
-    return peaks, time.perf_counter() - started
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MEASURED, str(file), *args], env=env, stdout=subprocess.DEVNULL
+        )
+        for file, args in zip(files, arguments, strict=True)
+    ]
+    for args, process in zip(arguments, processes, strict=True):
+        if process.wait() != 0:
+            raise SystemExit(
+                f"lora_trainer.export {' '.join(args)} exited with {process.returncode}"
+            )
+    seconds = time.perf_counter() - started
+    peaks = [int(file.read_text()) * 1024 for file in files]
+    for file in files:
+        file.unlink()
+    return peaks, seconds
 
 
 def main() -> None:
@@ -98,14 +123,12 @@ def main() -> None:
     save = args.work / "background_save"
     shutil.rmtree(save, ignore_errors=True)
     adapter_bytes = write_snapshot(save, base, write_merged=not args.adapter_only)
-    python = [sys.executable]
-    (baseline,), _ = peak_rss([[*python, "-c", "import lora_trainer.export.__main__"]])
-    export = [*python, "-m", "lora_trainer.export", str(save)]
+    (baseline,), _ = peak_rss(args.work, [["--help"]])
     if args.workers == 1:
-        peaks, seconds = peak_rss([export])
+        peaks, seconds = peak_rss(args.work, [[str(save)]])
     else:
         peaks, seconds = peak_rss(
-            [[*export, "--rank", str(r), "--world-size", str(args.workers)] for r in (0, 1)]
+            args.work, [[str(save), "--rank", str(r), "--world-size", "2"] for r in (0, 1)]
         )
     shutil.rmtree(save, ignore_errors=True)
     what = "adapter" if args.adapter_only else "adapter + merged"

@@ -160,9 +160,19 @@ def hf_weights_from_factors(
             experts.setdefault(module, {})[expert] = (a, b)
     stacked = {
         module: HFExpertLoraWeights(
-            a=torch.stack([by_expert[e][0] for e in sorted(by_expert)]),
-            b=torch.stack([by_expert[e][1] for e in sorted(by_expert)]),
+            a=_stack([by_expert[e][0] for e in sorted(by_expert)]),
+            b=_stack([by_expert[e][1] for e in sorted(by_expert)]),
         )
         for module, by_expert in sorted(experts.items())
     }
     return dict(sorted(linears.items())), stacked
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """`torch.stack`; meta tensors are made at the stacked shape instead (stacking them runs
+    torch's Python meta kernels, whose first use imports ~800 modules: ~70 MiB and, on a busy
+    machine, tens of seconds in an export worker)."""
+    first = tensors[0]
+    if first.is_meta:
+        return torch.empty((len(tensors), *first.shape), dtype=first.dtype, device="meta")
+    return torch.stack(tensors)

@@ -269,8 +269,8 @@ def write_local_factors(
     `create_adapter_file`), looking each pair up once: a linear module's or one expert's pair is
     written and dropped before the next is looked up, so a `local` that reads from disk on lookup
     holds one pair at a time. Packed expert lora_B columns of consecutive local experts are
-    gathered into one buffer (the run's share of that lora_B) and written together: one run of
-    bytes per row and rank index."""
+    gathered (the run's share of that lora_B, twice: stacked, then transposed) and written
+    together: one run of bytes per row and rank index."""
     _, offsets = _header(file_entries(layout, profile))
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -325,11 +325,12 @@ def _write_expert_run(
     experts, rank, fan_in = layout.experts[key].a.shape
     fan_out = layout.experts[key].b.shape[1]
     a_start = offsets[f"{stem}.lora_A.weight"]
-    columns = torch.empty(fan_out, rank, len(run))  # lora_B [out, r, n] of the run's experts
+    stacked = torch.empty(len(run), fan_out, rank)  # lora_B [n, out, r] of the run's experts
     for index, expert in enumerate(run):
         a, b = local[(key, expert)]
         _pwrite(fd, a, a_start + expert * rank * fan_in * _F32)
-        columns[:, :, index] = b
+        stacked[index] = b
+    columns = stacked.permute(1, 2, 0).contiguous()  # [out, r, n]
     start = offsets[f"{stem}.lora_B.weight"]
     if len(run) == experts:
         _pwrite(fd, columns, start)
