@@ -266,9 +266,9 @@ def write_local_factors(
     path: Path, layout: HFAdapter, local: FactorMapping, profile: Profile
 ) -> None:
     """Write the factors in `local` at their byte ranges of the adapter file `path` (made by
-    `create_adapter_file`), looking each pair up once: a linear module's or one expert's pair is
-    written and dropped before the next is looked up, so a `local` that reads from disk on lookup
-    holds one pair at a time. Packed expert lora_B columns of consecutive local experts are
+    `create_adapter_file`), looking each pair (a linear module's or one expert's) up once and
+    keeping it only until the next lookup, so a `local` that reads from disk on lookup holds at
+    most two pairs at a time. Packed expert lora_B columns of consecutive local experts are
     gathered (the run's share of that lora_B, twice: stacked, then transposed) and written
     together: one run of bytes per row and rank index."""
     _, offsets = _header(file_entries(layout, profile))
