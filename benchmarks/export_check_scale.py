@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import save_file
 
 from lora_trainer.bridge.safetensors_io import INDEX_FILE, shard_file_names
+from lora_trainer.export.hf_adapter_weights import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.manifest import MANIFEST_FILE
 
 RANK, ALPHA = 16, 32.0

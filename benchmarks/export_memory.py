@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.export_check_scale import config, random_adapter, reset_peak, rss, shapes_of
+from lora_trainer.export.hf_adapter_weights import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.hf_export import export_hf
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.parallel.collectives import merge_from_all_ranks
 
 WORLD = 2
@@ -87,7 +87,7 @@ def worker(rank: int, work: Path, out: Path, mode: str, port: int, results: dict
     template = random_adapter(shapes_of(config(cfg["num_hidden_layers"], cfg["num_experts"])))
     local = local_factors(template, rank)
     if mode == "parts":
-        from lora_trainer.export.hf_lora import DistributedAdapter, on_meta
+        from lora_trainer.export.hf_adapter_weights import DistributedAdapter, on_meta
 
         parts = DistributedAdapter(
             on_meta(template), local, len(template.linears) + len(template.experts)

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_trainer.bridge.safetensors_io import INDEX_FILE, shard_file_names
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
+from lora_trainer.export.hf_adapter_weights import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.manifest import hash_files
 from lora_trainer.export.merged import write_merged_checkpoint
 from lora_trainer.export.peft_adapter import write_peft_adapter

@@ -18,7 +18,7 @@ from lora_trainer.bridge.safetensors_io import (
     ShardedCheckpointWriter,
     shard_file_names,
 )
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
+from lora_trainer.export.hf_adapter_weights import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from tests.checkpoints import KIND_DENSE, KIND_MOE, KIND_MOE_VL, build_hf_model, save_checkpoint
 
 RANK = 4

@@ -4,6 +4,7 @@ disk fills up in the background; `python -m lora_trainer.export SAVE_DIR`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,17 +13,30 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import lora_trainer.export.snapshot as snapshot_module
 from callbacks.checkpoint_export import CheckpointExportCallback
 from lora_trainer.errors import ExportError
 from lora_trainer.export.background import FileBarrier, failure_messages, run_export_share
+from lora_trainer.export.hf_adapter_weights import (
+    DistributedAdapter,
+    HFAdapter,
+    HFLoraWeights,
+    LocalFactors,
+)
 from lora_trainer.export.hf_export import export_hf
-from lora_trainer.export.hf_lora import HFAdapter
+from lora_trainer.export.merged import shard_modules
+from lora_trainer.export.peft_adapter import Profile, write_peft_adapter
 from lora_trainer.export.snapshot import (
+    FACTORS_FILE,
     SNAPSHOT_DIR,
     SnapshotReader,
     read_job,
@@ -58,21 +72,37 @@ def assert_same_exports(save: Path, reference: Path) -> None:
 
 
 def _snapshot_of(
-    adapter: HFAdapter, save: Path, base: Path, ranks: int, check: torch.Tensor | None
-) -> None:
-    """`adapter` as `ranks` ranks would snapshot it: experts dealt out by index, linears on rank 0,
-    and one linear on every rank (a data-parallel replica's copy)."""
+    adapter: HFAdapter,
+    save: Path,
+    base: Path,
+    ranks: int,
+    check: torch.Tensor | None,
+    experts: str = "dealt",
+    profile: str = "peft",
+) -> list[LocalFactors]:
+    """`adapter` as `ranks` ranks would snapshot it; returns each rank's factors. Routed experts
+    in contiguous blocks of E / ranks (`experts="blocks"`: expert parallelism) or dealt out by
+    index (`"dealt"`: every rank's experts in runs of one); the linears on rank 0, and one linear
+    on every rank (a data-parallel replica's copy)."""
     replicated = next(iter(adapter.linears))
+    snapshot: list[LocalFactors] = []
     for rank in range(ranks):
-        factors = {
+        factors: LocalFactors = {
             (m, None): (w.a, w.b)
             for m, w in adapter.linears.items()
             if rank == 0 or m == replicated
         }
         for module, weights in adapter.experts.items():
-            for expert in range(rank, weights.a.shape[0], ranks):
+            count = weights.a.shape[0]
+            indices = (
+                range(rank * count // ranks, (rank + 1) * count // ranks)
+                if experts == "blocks"
+                else range(rank, count, ranks)
+            )
+            for expert in indices:
                 factors[(module, expert)] = (weights.a[expert], weights.b[expert])
         write_factors(save, rank, factors)
+        snapshot.append(factors)
     write_job(
         save,
         step=7,
@@ -80,17 +110,21 @@ def _snapshot_of(
         snapshot_ranks=ranks,
         write_adapter=True,
         write_merged=True,
-        profile="peft",
+        profile=profile,
         check_input_ids=None if check is None else check.tolist(),
         r=adapter.r,
         alpha=adapter.alpha,
         use_rslora=adapter.use_rslora,
         text_prefix=adapter.text_prefix,
     )
+    return snapshot
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, HFAdapter]:
+    """A sharded packed MoE-VL base and an adapter for it whose first linear has a zero lora_B
+    (as after initialisation), so that the manifest's count of non-zero lora_B is not the count of
+    modules."""
     path, adapter = make_base(
         KIND_MOE_VL,
         tmp_path_factory.mktemp("base") / "moe_vl",
@@ -99,60 +133,172 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, HFAdapter]:
         with_mtp=True,
         shards=3,
     )
-    return path, HFAdapter(**{**adapter.__dict__, "base_model_name_or_path": str(path)})
+    first = next(iter(adapter.linears))
+    zero_b = HFLoraWeights(adapter.linears[first].a, torch.zeros_like(adapter.linears[first].b))
+    linears = {**adapter.linears, first: zero_b}
+    return path, dataclasses.replace(adapter, linears=linears, base_model_name_or_path=str(path))
 
 
-def test_two_workers_from_a_snapshot_equal_the_synchronous_export(
-    base: tuple[Path, HFAdapter], tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def synchronous_exports(
+    base: tuple[Path, HFAdapter], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The synchronous export of `base`'s adapter in each profile; its adapter file is the one
+    `write_peft_adapter` makes from the whole adapter in memory, byte for byte."""
     path, adapter = base
-    reference = tmp_path / "sync"
-    export_hf(adapter, path, reference, step=7, progress=False)
+    root = tmp_path_factory.mktemp("sync")
+    profiles: tuple[Profile, ...] = ("peft", "per_expert")
+    for profile in profiles:
+        export_hf(adapter, path, root / profile, step=7, profile=profile, progress=False)
+        (root / f"{profile}-whole").mkdir()
+        write_peft_adapter(adapter, root / f"{profile}-whole", profile)
+        assert _files(root / profile / "hf_adapter") == _files(root / f"{profile}-whole")
+    return {profile: root / profile for profile in profiles}
 
-    save = tmp_path / "background"
-    _snapshot_of(adapter, save, path, ranks=2, check=None)
-    reader = SnapshotReader(save, read_job(save))
-    loaded = reader.load_adapter()
-    assert (
-        loaded.linears.keys() == adapter.linears.keys()
-        and loaded.experts.keys() == adapter.experts.keys()
-    )
-    for key, weights in (*adapter.linears.items(), *adapter.experts.items()):
-        got = loaded.linears.get(key) or loaded.experts[key]
-        assert torch.equal(got.a, weights.a) and torch.equal(got.b, weights.b), key
 
+class SnapshotReads:
+    """The factor bytes each export worker (a thread named `worker-K`) reads from the snapshot:
+    in all, and the most it holds at once (a tensor counts until it is freed)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.total: dict[str, int] = defaultdict(int)
+        self.live: dict[str, int] = defaultdict(int)
+        self.peak: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        read = snapshot_module._read_tensor
+
+        def recorded(*args: Any) -> torch.Tensor:
+            tensor = read(*args)
+            worker, size = threading.current_thread().name, tensor.numel() * 4
+            with self._lock:
+                self.total[worker] += size
+                self.live[worker] += size
+                self.peak[worker] = max(self.peak[worker], self.live[worker])
+            weakref.finalize(tensor, self._freed, worker, size)
+            return tensor
+
+        monkeypatch.setattr(snapshot_module, "_read_tensor", recorded)
+
+    def _freed(self, worker: str, size: int) -> None:
+        with self._lock:
+            self.live[worker] -= size
+
+
+def _pair_bytes(pair: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * 4 for t in pair)
+
+
+def _run_workers(save: Path, workers: int) -> None:
     errors: list[BaseException] = []
 
     def worker(rank: int) -> None:
         try:
-            run_export_share(save, rank, 2)
+            run_export_share(save, rank, workers)
         except BaseException as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=worker, args=(rank,)) for rank in (1, 0)]
+    threads = [
+        threading.Thread(target=worker, args=(rank,), name=f"worker-{rank}")
+        for rank in reversed(range(workers))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
     assert not errors, errors
+
+
+LAYOUTS = {
+    # name: (snapshot ranks, workers, routed experts, profile)
+    "ep2": (2, 2, "blocks", "peft"),
+    "ep2_per_expert": (2, 2, "blocks", "per_expert"),
+    "dealt_experts": (2, 2, "dealt", "peft"),
+    "one_worker_of_ep2": (2, 1, "blocks", "peft"),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_workers_read_only_their_share_and_equal_the_synchronous_export(
+    layout: str,
+    base: tuple[Path, HFAdapter],
+    synchronous_exports: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers make the synchronous export's files bit for bit and its manifest's adapter facts,
+    while each reads from the snapshot exactly the factors it writes (those of its snapshot files,
+    without a data-parallel replica's copies), each once, holding at most two factor pairs at a
+    time (the one being written and the next being read): no worker loads the whole adapter."""
+    ranks, workers, experts, profile = LAYOUTS[layout]
+    path, adapter = base
+    reference = synchronous_exports[profile]
+    save = tmp_path / "background"
+    snapshot = _snapshot_of(adapter, save, path, ranks, None, experts, profile)
+    reads = SnapshotReads(monkeypatch)
+    _run_workers(save, workers)
+
     assert_same_exports(save, reference)
     manifest = json.loads((save / "export_manifest.json").read_text())
+    expected = json.loads((reference / "export_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["step"] == 7
     assert manifest["export_started_at"] <= manifest["export_finished_at"] <= time.time()
-    assert (
-        manifest["files"] == json.loads((reference / "export_manifest.json").read_text())["files"]
-    )
+    assert manifest["files"] == expected["files"]
+    assert manifest["adapter"] == expected["adapter"]
+    assert manifest["adapter"]["nonzero_lora_B"] == len(adapter.linears) + len(adapter.experts) - 1
+
+    owner: dict[tuple[str, int | None], int] = {}
+    for rank, factors in enumerate(snapshot):
+        for key in factors:
+            owner.setdefault(key, rank)
+    whole = sum(_pair_bytes(pair) for pair in DistributedAdapter.of(adapter).local.values())
+    largest = max(_pair_bytes(pair) for factors in snapshot for pair in factors.values())
+    share: dict[str, int] = defaultdict(int)
+    for key, rank in owner.items():
+        share[f"worker-{rank % workers}"] += _pair_bytes(snapshot[rank][key])
+    assert sum(share.values()) == whole
+    assert dict(reads.total) == dict(share)
+    for worker in share:
+        assert reads.peak[worker] <= 2 * largest, (worker, reads.peak[worker], largest)
+        assert reads.live[worker] == 0
+    if workers > 1:
+        assert all(0 < size < whole for size in share.values())
 
 
-def test_a_worker_share_reads_only_its_modules(
+def test_snapshot_headers_give_the_layout_and_the_nonzero_count_without_reading_factors(
+    base: tuple[Path, HFAdapter], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's layout and count of non-zero lora_B come from the snapshot files' headers (no
+    factor read); a snapshot written without the non-zero flags is counted one lora_B at a time."""
+    path, adapter = base
+    snapshot = _snapshot_of(adapter, tmp_path, path, 2, None, "blocks")
+    expected = len(adapter.linears) + len(adapter.experts) - 1
+    reads = SnapshotReads(monkeypatch)
+    reader = SnapshotReader(tmp_path, read_job(tmp_path))
+    layout = reader.meta_adapter()
+    for ours, theirs in ((layout.linears, adapter.linears), (layout.experts, adapter.experts)):
+        assert {k: (w.a.shape, w.b.shape, w.a.device.type) for k, w in ours.items()} == {
+            k: (w.a.shape, w.b.shape, "meta") for k, w in theirs.items()
+        }
+    assert reader.nonzero_lora_b() == expected
+    assert not reads.total
+
+    for rank in range(len(snapshot)):
+        file = snapshot_dir(tmp_path) / FACTORS_FILE.format(rank=rank)
+        save_file(load_file(str(file)), str(file))
+    assert SnapshotReader(tmp_path, read_job(tmp_path)).nonzero_lora_b() == expected
+    # every linear's lora_B, and one expert's of each packed projection (that one is non-zero)
+    read = sum(w.b.numel() for w in adapter.linears.values())
+    read += sum(w.b[0].numel() for w in adapter.experts.values())
+    assert sum(reads.total.values()) == 4 * read
+
+
+def test_a_worker_share_of_the_merged_shards_covers_only_its_modules(
     base: tuple[Path, HFAdapter], tmp_path: Path
 ) -> None:
-    from lora_trainer.export.background import _modules_of_share
-
     path, adapter = base
     _snapshot_of(adapter, tmp_path, path, ranks=2, check=None)
-    reader = SnapshotReader(tmp_path, read_job(tmp_path))
-    shares = [_modules_of_share(reader, path, rank, 3) for rank in range(3)]
+    layout = SnapshotReader(tmp_path, read_job(tmp_path)).meta_adapter()
+    shares = [shard_modules(layout, path, rank=rank, world_size=3) for rank in range(3)]
     everything = {*adapter.linears, *adapter.experts}
     assert set().union(*shares) == everything
     assert all(0 < len(share) < len(everything) for share in shares)
@@ -300,6 +446,10 @@ def test_background_saves_equal_synchronous_saves(synchronous_run: Path, tmp_pat
         assert_same_exports(save, synchronous_run / f"step-{step}")
         manifest = json.loads((save / "export_manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["check"]["passed"]
+        synchronous = json.loads(
+            (synchronous_run / f"step-{step}" / "export_manifest.json").read_text()
+        )
+        assert manifest["adapter"] == synchronous["adapter"]
         assert manifest["export_started_at"] <= manifest["export_finished_at"]
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     times = [record["time"] for record in records]

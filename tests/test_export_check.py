@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_trainer.export.check import check_export
+from lora_trainer.export.hf_adapter_weights import HFAdapter
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
-from lora_trainer.export.hf_lora import HFAdapter
 from lora_trainer.export.manifest import LIBRARIES, MANIFEST_FILE, MODULE_KINDS
 from lora_trainer.export.peft_adapter import WEIGHTS_FILE
 from tests.checkpoints import KIND_MOE_VL, fixed_batch, load_hf_model

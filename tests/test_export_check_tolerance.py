@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_trainer.export.check import ExportCheckResult, check_export
+from lora_trainer.export.hf_adapter_weights import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.merged import write_merged_checkpoint
 from lora_trainer.export.peft_adapter import WEIGHTS_FILE
 from tests.checkpoints import KIND_MOE_VL, fixed_batch

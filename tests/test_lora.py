@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_trainer.export.hf_adapter_weights import HFAdapter
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
-from lora_trainer.export.hf_lora import HFAdapter
 from lora_trainer.export.peft_adapter import write_peft_adapter
 from lora_trainer.lora.config import LoraConfig, LoraConfigError
 from tests.checkpoints import KIND_DENSE, KIND_MOE, KIND_MOE_VL, load_hf_model

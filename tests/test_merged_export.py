@@ -25,8 +25,8 @@ import lora_trainer.export.peft_adapter as peft_adapter_module
 import lora_trainer.export.tiled_merge as tiled_merge_module
 from lora_trainer.bridge.safetensors_io import INDEX_FILE
 from lora_trainer.errors import ExportError
+from lora_trainer.export.hf_adapter_weights import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, STAGING_DIR, export_hf
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.manifest import MANIFEST_FILE
 from lora_trainer.export.merged import write_merged_checkpoint
 from lora_trainer.export.peft_adapter import write_peft_adapter

@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
 
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights
+from lora_trainer.export.hf_adapter_weights import HFAdapter, HFExpertLoraWeights, HFLoraWeights
 from lora_trainer.export.peft_adapter import (
     CONFIG_FILE,
     EXPERT_PROJECTIONS,

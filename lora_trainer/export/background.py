@@ -6,10 +6,14 @@ With `export.background=true` a save writes the training state and the export sn
 The workers run `export_hf` as if they were the ranks of a synchronous export, with a barrier made
 of marker files in the snapshot directory instead of collectives:
 
-- worker K writes merged shard files K, K + W, ... and reads from the snapshot only the factors of
-  the modules those shards hold (so its memory follows its share, not the adapter);
-- worker 0 also writes `hf_adapter/`, moves the shards into `hf_merged/` (each directory renamed
-  into place only when complete), runs the check and writes `export_manifest.json` last.
+- worker K writes into the one adapter file the factors of snapshot files K, K + W, ..., read one
+  module or expert at a time (`SnapshotReader.distributed_adapter`), then merged shard files K,
+  K + W, ..., reading back from the adapter file only the factors of the modules those shards
+  hold; no worker loads the whole adapter, and the manifest's whole-adapter facts (layout,
+  non-zero lora_B) come from the snapshot headers;
+- worker 0 also creates the adapter file, moves it and the shards into `hf_adapter/` and
+  `hf_merged/` (each directory renamed into place only when complete), runs the check and writes
+  `export_manifest.json` last.
 
 Once every worker has exited, the training process removes the snapshot (`discard_snapshot`; a
 worker cannot: the others may still be reading its last barrier's markers).
@@ -33,11 +37,9 @@ import time
 from pathlib import Path
 
 import lora_trainer
-from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.errors import ExportError, PeerExportError
 from lora_trainer.export.hf_export import STAGING_DIR, export_hf
 from lora_trainer.export.manifest import MANIFEST_FILE
-from lora_trainer.export.merge_plan import plan_deltas
 from lora_trainer.export.snapshot import SnapshotReader, has_snapshot, read_job, snapshot_dir
 
 logger = logging.getLogger(__name__)
@@ -159,13 +161,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _export_share(save_dir: Path, rank: int, world_size: int, parent_pid: int | None) -> None:
     started_at = time.time()
     job = read_job(save_dir)
-    reader = SnapshotReader(save_dir, job)
-    if rank == 0:
-        adapter = reader.load_adapter()
-    else:
-        adapter = reader.load_adapter(
-            _modules_of_share(reader, Path(job.base_dir), rank, world_size)
-        )
+    adapter = SnapshotReader(save_dir, job).distributed_adapter(rank, world_size)
     barrier = FileBarrier(snapshot_dir(save_dir), rank, world_size, parent_pid)
     manifest = export_hf(
         adapter,
@@ -190,18 +186,6 @@ def _export_share(save_dir: Path, rank: int, world_size: int, parent_pid: int | 
         raise ExportError(
             f"the export check of step {job.step} failed: {check.get('message', check)}"
         )
-
-
-def _modules_of_share(
-    reader: SnapshotReader, base_dir: Path, rank: int, world_size: int
-) -> set[str]:
-    """The adapter modules whose base tensors lie in the shard files worker `rank` merges."""
-    with CheckpointReader(base_dir) as base:
-        names = base.names()
-        file_of = {name: base.file_of(name) for name in names}
-    shards = sorted(set(file_of.values()))[rank::world_size]
-    deltas = plan_deltas(reader.meta_adapter(), names)
-    return {delta.source for name, delta in deltas.items() if file_of[name] in shards}
 
 
 def complete_export(save_dir: Path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from lora_trainer.export.hf_lora import (
+from lora_trainer.export.hf_adapter_weights import (
     DistributedAdapter,
     HFAdapter,
     LocalFactors,

@@ -44,7 +44,7 @@ from torch import Tensor
 from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.errors import ExportError, PeerExportError
 from lora_trainer.export.check import CHECK_MEMORY_GB, ExportCheckResult, check_export
-from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter
+from lora_trainer.export.hf_adapter_weights import DistributedAdapter, HFAdapter
 from lora_trainer.export.manifest import build_manifest, write_manifest
 from lora_trainer.export.merge_plan import shard_modules
 from lora_trainer.export.merged import write_merged_checkpoint

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_trainer.export.check import ExportCheckResult
-from lora_trainer.export.hf_lora import DistributedAdapter, HFAdapter
+from lora_trainer.export.hf_adapter_weights import DistributedAdapter, HFAdapter
 from lora_trainer.files.atomic import atomic_write_json
 
 MANIFEST_FILE = "export_manifest.json"

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lora_trainer.bridge.safetensors_io import CheckpointReader
 from lora_trainer.errors import ExportError
-from lora_trainer.export.hf_lora import HFAdapter
+from lora_trainer.export.hf_adapter_weights import HFAdapter
 from lora_trainer.export.peft_adapter import PER_EXPERT_MODULES
 from lora_trainer.files.safetensors_header import TensorEntry, read_header
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from lora_trainer.bridge.safetensors_io import INDEX_FILE, SINGLE_FILE
 from lora_trainer.errors import ExportError
-from lora_trainer.export.hf_lora import HFAdapter
+from lora_trainer.export.hf_adapter_weights import HFAdapter
 from lora_trainer.export.merge_plan import LowRankDelta, checked_plan, shard_layouts
 from lora_trainer.export.tiled_merge import Piece, Scratch, merge_piece, pieces
 from lora_trainer.files.atomic import export_error

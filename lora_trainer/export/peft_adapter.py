@@ -29,7 +29,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lora_trainer.export.hf_lora import HFAdapter, HFExpertLoraWeights, HFLoraWeights, LocalFactors
+from lora_trainer.export.hf_adapter_weights import (
+    FactorMapping,
+    HFAdapter,
+    HFExpertLoraWeights,
+    HFLoraWeights,
+)
 
 Profile = Literal["peft", "per_expert"]
 
@@ -154,8 +159,8 @@ def _split_expert_key(key: str) -> tuple[str, str]:
     module, _, proj = key.rpartition(".")
     if proj not in EXPERT_PROJECTIONS or not module.endswith("mlp.experts"):
         raise ValueError(
-            f"routed-expert LoRA key {key!r} must be '<layer>.mlp.experts.<projection>' with a projection "
-            f"in {EXPERT_PROJECTIONS}"
+            f"routed-expert LoRA key {key!r} must be '<layer>.mlp.experts.<projection>' with a "
+            f"projection in {EXPERT_PROJECTIONS}"
         )
     return module, proj
 
@@ -258,17 +263,21 @@ def create_adapter_file(directory: Path, layout: HFAdapter, profile: Profile) ->
 
 
 def write_local_factors(
-    path: Path, layout: HFAdapter, local: LocalFactors, profile: Profile
+    path: Path, layout: HFAdapter, local: FactorMapping, profile: Profile
 ) -> None:
     """Write the factors in `local` at their byte ranges of the adapter file `path` (made by
-    `create_adapter_file`). Packed expert lora_B columns of consecutive local experts are written
-    together (one run of bytes per row and rank index)."""
+    `create_adapter_file`), looking each pair (a linear module's or one expert's) up once and
+    keeping it only until the next lookup, so a `local` that reads from disk on lookup holds at
+    most two pairs at a time. Packed expert lora_B columns of consecutive local experts are
+    gathered (the run's share of that lora_B, twice: stacked, then transposed) and written
+    together: one run of bytes per row and rank index."""
     _, offsets = _header(file_entries(layout, profile))
     fd = os.open(path, os.O_WRONLY)
     try:
         experts: dict[str, list[int]] = {}
-        for (module, expert), (a, b) in local.items():
+        for module, expert in local:
             if expert is None:
+                a, b = local[(module, expert)]
                 for key, tensor in _lora_pair(layout, module, a, b).items():
                     _pwrite(fd, tensor, offsets[key])
             else:
@@ -295,7 +304,7 @@ def _write_expert_run(
     layout: HFAdapter,
     key: str,
     run: list[int],
-    local: LocalFactors,
+    local: FactorMapping,
     offsets: dict[str, int],
     profile: Profile,
 ) -> None:
@@ -314,25 +323,27 @@ def _write_expert_run(
     wrapper = module + ".base_layer" * (len(targeted) - 1 - targeted.index(proj))
     stem = f"{KEY_PREFIX}{layout.text_prefix}{wrapper}"
     experts, rank, fan_in = layout.experts[key].a.shape
-    a = torch.stack([local[(key, e)][0] for e in run])
-    _pwrite(fd, a, offsets[f"{stem}.lora_A.weight"] + run[0] * rank * fan_in * _F32)
-    columns = (
-        torch.stack([local[(key, e)][1] for e in run]).permute(1, 2, 0).float().contiguous()
-    )  # [out, r, n]
+    fan_out = layout.experts[key].b.shape[1]
+    a_start = offsets[f"{stem}.lora_A.weight"]
+    stacked = torch.empty(len(run), fan_out, rank)  # lora_B [n, out, r] of the run's experts
+    for index, expert in enumerate(run):
+        a, b = local[(key, expert)]
+        _pwrite(fd, a, a_start + expert * rank * fan_in * _F32)
+        stacked[index] = b
+    columns = stacked.permute(1, 2, 0).contiguous()  # [out, r, n]
     start = offsets[f"{stem}.lora_B.weight"]
     if len(run) == experts:
         _pwrite(fd, columns, start)
         return
-    fan_out = columns.shape[0]
     for row in range(fan_out):
         for j in range(rank):
             _pwrite(fd, columns[row, j], start + ((row * rank + j) * experts + run[0]) * _F32)
 
 
 def _pwrite(fd: int, tensor: Tensor, offset: int) -> None:
-    view = memoryview(
+    view = (
         tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1).numpy()
-    ).cast("B")
+    ).data.cast("B")
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)

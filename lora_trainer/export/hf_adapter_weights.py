@@ -9,6 +9,7 @@ prefix. The writers only lay it out on disk.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,15 @@ from torch import Tensor
 
 # (HF module path below the text prefix, expert index or None) -> (a [r, in], b [out, r])
 LocalFactors = dict[tuple[str, int | None], tuple[Tensor, Tensor]]
+# The same, read only: a dict, or a mapping that reads each pair from disk when it is looked up
+# (a background export's snapshot, `snapshot.SnapshotReader`), so nothing is held between uses.
+FactorMapping = Mapping[tuple[str, int | None], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
 class HFLoraWeights:
-    """LoRA factors of one HF linear module: delta = scale * b @ a, shaped like its weight [out, in].
+    """LoRA factors of one HF linear module: delta = scale * b @ a, shaped like its weight
+    [out, in].
 
     `a` is [r, in], `b` is [out, r].
     """
@@ -31,8 +36,8 @@ class HFLoraWeights:
     def __post_init__(self) -> None:
         if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[0] != self.b.shape[1]:
             raise ValueError(
-                f"linear LoRA factors must be a [r, in] and b [out, r]; got a {tuple(self.a.shape)}, "
-                f"b {tuple(self.b.shape)}"
+                "linear LoRA factors must be a [r, in] and b [out, r]; got a "
+                f"{tuple(self.a.shape)}, b {tuple(self.b.shape)}"
             )
 
 
@@ -40,9 +45,9 @@ class HFLoraWeights:
 class HFExpertLoraWeights:
     """LoRA factors of the routed experts of one layer for one packed projection.
 
-    `a` is [E, r, in], `b` is [E, out, r]; delta[e] = scale * b[e] @ a[e] is shaped like the HF packed
-    parameter W[e] (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), which the model applies as
-    `linear(x, W[e])`.
+    `a` is [E, r, in], `b` is [E, out, r]; delta[e] = scale * b[e] @ a[e] is shaped like the HF
+    packed parameter W[e] (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), which the model
+    applies as `linear(x, W[e])`.
     """
 
     a: Tensor
@@ -56,8 +61,8 @@ class HFExpertLoraWeights:
             or self.a.shape[1] != self.b.shape[2]
         ):
             raise ValueError(
-                f"expert LoRA factors must be a [E, r, in] and b [E, out, r]; got a {tuple(self.a.shape)}, "
-                f"b {tuple(self.b.shape)}"
+                "expert LoRA factors must be a [E, r, in] and b [E, out, r]; got a "
+                f"{tuple(self.a.shape)}, b {tuple(self.b.shape)}"
             )
 
 
@@ -81,11 +86,15 @@ class HFAdapter:
     base_model_name_or_path: str
 
     def __post_init__(self) -> None:
-        ranks = {w.a.shape[-2] for w in (*self.linears.values(), *self.experts.values())}
+        ranks = {w.a.shape[-2] for w in self.factors()}
         if ranks - {self.r}:
             raise ValueError(f"adapter rank is {self.r} but its factors have ranks {sorted(ranks)}")
         if not self.text_prefix.endswith("."):
             raise ValueError(f"text_prefix must end with '.', got {self.text_prefix!r}")
+
+    def factors(self) -> list[HFLoraWeights | HFExpertLoraWeights]:
+        """The factors of every linear module and every packed expert projection."""
+        return [*self.linears.values(), *self.experts.values()]
 
     @property
     def scale(self) -> float:
@@ -99,13 +108,13 @@ class DistributedAdapter:
 
     `layout` is the whole adapter with every factor on the meta device (names and shapes only; the
     same on every rank); `local` holds the factors this rank writes, keyed (module, expert index
-    or None), a [r, in] and b [out, r] of one linear module or one expert; no factor is local to
-    two ranks. `nonzero_lora_b` counts the non-zero lora_B of the whole adapter (one per linear
-    module, one per packed expert projection).
+    or None), a [r, in] and b [out, r] of one linear module or one expert (in memory, or read
+    when looked up); no factor is local to two ranks. `nonzero_lora_b` counts the non-zero lora_B
+    of the whole adapter (one per linear module, one per packed expert projection).
     """
 
     layout: HFAdapter
-    local: LocalFactors
+    local: FactorMapping
     nonzero_lora_b: int
 
     @classmethod
@@ -116,9 +125,7 @@ class DistributedAdapter:
             local.update(
                 {(key, e): (weights.a[e], weights.b[e]) for e in range(weights.a.shape[0])}
             )
-        nonzero = sum(
-            1 for w in (*adapter.linears.values(), *adapter.experts.values()) if bool(w.b.any())
-        )
+        nonzero = sum(1 for w in adapter.factors() if bool(w.b.any()))
         return cls(on_meta(adapter), local, nonzero)
 
 
@@ -153,9 +160,19 @@ def hf_weights_from_factors(
             experts.setdefault(module, {})[expert] = (a, b)
     stacked = {
         module: HFExpertLoraWeights(
-            a=torch.stack([by_expert[e][0] for e in sorted(by_expert)]),
-            b=torch.stack([by_expert[e][1] for e in sorted(by_expert)]),
+            a=_stack([by_expert[e][0] for e in sorted(by_expert)]),
+            b=_stack([by_expert[e][1] for e in sorted(by_expert)]),
         )
         for module, by_expert in sorted(experts.items())
     }
     return dict(sorted(linears.items())), stacked
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """`torch.stack`; meta tensors are made at the stacked shape instead (stacking them runs
+    torch's Python meta kernels, whose first use imports ~800 modules: ~70 MiB and, on a busy
+    machine, tens of seconds in an export worker)."""
+    first = tensors[0]
+    if first.is_meta:
+        return torch.empty((len(tensors), *first.shape), dtype=first.dtype, device="meta")
+    return torch.stack(tensors)
