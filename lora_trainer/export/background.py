@@ -9,7 +9,8 @@ of marker files in the snapshot directory instead of collectives:
 - worker K writes merged shard files K, K + W, ... and reads from the snapshot only the factors of
   the modules those shards hold (so its memory follows its share, not the adapter);
 - worker 0 also writes `hf_adapter/`, moves the shards into `hf_merged/` (each directory renamed
-  into place only when complete), runs the check and writes `export_manifest.json` last.
+  into place only when complete), runs the check (also against the records of our trained
+  model's layers in the snapshot) and writes `export_manifest.json` last.
 
 Once every worker has exited, the training process removes the snapshot (`discard_snapshot`; a
 worker cannot: the others may still be reading its last barrier's markers).
@@ -177,6 +178,7 @@ def _export_share(save_dir: Path, rank: int, world_size: int, parent_pid: int | 
         profile=job.profile,  # type: ignore[arg-type]
         check_input_ids=job.check_tensor(),
         check_memory_gb=job.check_memory_gb,
+        check_trained_layers=snapshot_dir(save_dir) if job.trained_layers else None,
         rank=rank,
         world_size=world_size,
         barrier=barrier,
