@@ -28,6 +28,7 @@ from lora_trainer.export.background import is_exported, pending_exports
 from lora_trainer.export.gather_adapter import distributed_hf_adapter, local_hf_factors
 from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.snapshot import snapshot_dir, write_factors, write_job
+from lora_trainer.export.trained_layers import record_trained_layers
 from lora_trainer.files.atomic import publish_directory, temporary_directory
 from lora_trainer.training.checkpoints import complete_saves, save_dir_name, saves_to_prune
 from lora_trainer.training.config import TrainConfig
@@ -97,6 +98,7 @@ class CheckpointExportCallback(pl.Callback):
         export = self.config.export
         failure: Exception | None = None
         try:
+            trained = self._record_trained_layers(module, staging)
             adapter = distributed_hf_adapter(
                 module.adapters,
                 module.loaded.spec,
@@ -113,6 +115,7 @@ class CheckpointExportCallback(pl.Callback):
                 profile=export.profile,
                 check_input_ids=self.check_input_ids if export.check else None,
                 check_memory_gb=export.check_memory_gb,
+                check_trained_layers=trained,
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 barrier=strategy.barrier,
@@ -128,6 +131,7 @@ class CheckpointExportCallback(pl.Callback):
             failure = error
         raise_on_every_rank(failure)
         if trainer.is_global_zero:
+            shutil.rmtree(snapshot_dir(staging), ignore_errors=True)
             publish_directory(staging, final)
             self._prune()
             log.info(
@@ -152,6 +156,7 @@ class CheckpointExportCallback(pl.Callback):
         staging = _staging(trainer, final)
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
         state_seconds = time.perf_counter() - started
+        trained = self._record_trained_layers(module, staging)
         write_factors(
             staging, trainer.global_rank, local_hf_factors(module.adapters, module.loaded.spec)
         )
@@ -167,6 +172,7 @@ class CheckpointExportCallback(pl.Callback):
                 profile=export.profile,
                 check_input_ids=self.check_input_ids.tolist() if export.check else None,
                 check_memory_gb=export.check_memory_gb,
+                trained_layers=trained is not None,
                 r=lora.r,
                 alpha=lora.alpha,
                 use_rslora=lora.rslora,
@@ -190,6 +196,15 @@ class CheckpointExportCallback(pl.Callback):
             )
         self.last_saved_step = step
         return final
+
+    def _record_trained_layers(self, module: LoraTrainingModule, staging: Path) -> Path | None:
+        """With the export check on, what our model computes in each layer on the check batch,
+        recorded into the save's export snapshot for the check to compare against (every rank)."""
+        if not self.config.export.check or self.check_input_ids is None:
+            return None
+        directory = snapshot_dir(staging)
+        record_trained_layers(module.loaded.model, self.check_input_ids, directory)
+        return directory
 
     def _prune(self) -> None:
         saves = complete_saves(self.root)
