@@ -8,7 +8,9 @@ one the run resumed from; only intact saves count (`saves_to_prune`).
 
 With `export.background=true` (`_save_in_background`) the save holds the training state and the
 export snapshot when it is renamed to `step-N`; the HF export is then made inside it by background
-workers (`background_export.py`) while training goes on."""
+workers (`background_export.py`) while training goes on. With `export.check=true` every rank first
+records what the model computes in each of its layers on the check batch into the export snapshot
+(`record_trained_layers`), which the check compares the export with."""
 
 from __future__ import annotations
 
@@ -202,6 +204,8 @@ class CheckpointExportCallback(pl.Callback):
         recorded into the save's export snapshot for the check to compare against (every rank)."""
         if not self.config.export.check or self.check_input_ids is None:
             return None
+        if module.loaded is None:
+            raise ExportError("the export check needs the model, which is not built yet")
         directory = snapshot_dir(staging)
         record_trained_layers(module.loaded.model, self.check_input_ids, directory)
         return directory

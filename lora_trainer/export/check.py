@@ -48,7 +48,8 @@ CONDITIONAL_GENERATION_CLASSES = {
 }
 ADAPTER_NAME = "default"
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Default budget for holding the whole model in the compute dtype; above it the check goes layer by layer.
+# Default budget for holding the whole model in the compute dtype; above it the check goes layer
+# by layer.
 CHECK_MEMORY_GB = 16.0
 # Tolerance = safety x the difference one rounding of the merged weights makes (measured), and at
 # least EPS_FLOOR x the compute dtype's eps x the largest |output| of that kind. An adapted module
@@ -159,7 +160,7 @@ def model_class(model_dir: Path) -> Any:
     `qwen3_5` / `qwen3_5_moe`, else `AutoModelForCausalLM`."""
     import transformers
 
-    name = CONDITIONAL_GENERATION_CLASSES.get(_config(model_dir).get("model_type"))
+    name = CONDITIONAL_GENERATION_CLASSES.get(str(_config(model_dir).get("model_type")))
     return getattr(transformers, name) if name else transformers.AutoModelForCausalLM
 
 
@@ -282,12 +283,14 @@ def check_export(
                 else f"adapter and merged {kind} outputs"
             )
             problems.append(
-                f"{what} differ by up to {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}"
+                f"{what} differ by up to {result.max_abs_diff:.3g} > tolerance "
+                f"{result.tolerance:.3g}"
             )
     failed_layers = [result for result in trained_layers if not result.passed]
     if failed_layers:
         layers = ", ".join(
-            f"layer {result.layer} by up to {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}"
+            f"layer {result.layer} by up to {result.max_abs_diff:.3g} > tolerance "
+            f"{result.tolerance:.3g}"
             for result in failed_layers
         )
         problems.append(
@@ -296,7 +299,8 @@ def check_export(
         )
     if reference_diff is not None and not reference_diff <= end.tolerance:
         problems.append(
-            f"reference and merged logits differ by up to {reference_diff:.3g} > tolerance {end.tolerance:.3g}"
+            f"reference and merged logits differ by up to {reference_diff:.3g} > tolerance "
+            f"{end.tolerance:.3g}"
         )
     worst = ", ".join(
         f"{kind} {result.max_abs_diff:.3g}/{result.tolerance:.3g}" for kind, result in kinds.items()
@@ -304,8 +308,8 @@ def check_export(
     message = (
         f"export check ({mode} mode) failed: " + "; ".join(problems)
         if problems
-        else f"export check passed ({mode} mode, {str(dtype).removeprefix('torch.')}): worst difference / "
-        f"tolerance per kind: {worst}"
+        else f"export check passed ({mode} mode, {str(dtype).removeprefix('torch.')}): worst "
+        f"difference / tolerance per kind: {worst}"
     )
     return ExportCheckResult(
         passed=not problems,
@@ -380,7 +384,7 @@ def _with_adapter(base: torch.nn.Module, adapter_dir: Path) -> tuple[Any, list[s
     missing and those of the file it did not consume (both named as in the file)."""
     from peft import PeftConfig, get_peft_model, get_peft_model_state_dict, load_peft_weights
 
-    config = PeftConfig.from_pretrained(adapter_dir)
+    config = PeftConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -495,9 +499,10 @@ def every_expert_inputs(
 
 
 def _num_experts(experts: torch.nn.Module) -> int:
-    while not hasattr(experts, "num_experts") and hasattr(experts, "base_layer"):
-        experts = experts.base_layer
-    return int(experts.num_experts)
+    module: Any = experts
+    while not hasattr(module, "num_experts") and hasattr(module, "base_layer"):
+        module = module.base_layer
+    return int(module.num_experts)
 
 
 def adapted_parameters(model: torch.nn.Module) -> list[str]:

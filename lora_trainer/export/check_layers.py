@@ -88,7 +88,8 @@ class HFLayers:
         ]
         if len(found) != 1:
             raise ExportError(
-                f"{self.module.__name__} has no single *{suffix} class for the layer-wise export check"
+                f"{self.module.__name__} has no single *{suffix} class for the layer-wise "
+                "export check"
             )
         return found[0]
 
@@ -113,9 +114,8 @@ class HFLayers:
     def adapter_weights(self, index: int, adapter_file: Any) -> dict[str, Tensor]:
         """The adapter file's tensors of decoder layer `index` (an open safetensors file)."""
         stem = f"{self.layer_path(index)}."
-        return {
-            key: adapter_file.get_tensor(key) for key in adapter_file.keys() if key.startswith(stem)
-        }
+        keys = adapter_file.keys()  # a safe_open handle is not iterable
+        return {key: adapter_file.get_tensor(key) for key in keys if key.startswith(stem)}
 
     def adapted_layer(
         self, index: int, reader: CheckpointReader, weights: dict[str, Tensor], config: Any
@@ -177,9 +177,8 @@ def _read(reader: CheckpointReader, name: str) -> Tensor:
     if name in reader:
         return reader.read(name)
     module, _, proj = name.rpartition(".")
-    parts = PER_EXPERT_MODULES.get(proj)
-    first = f"{module}.0.{parts[0]}.weight" if parts else None
-    if not parts or first not in reader:
+    parts = PER_EXPERT_MODULES.get(proj, ())
+    if not parts or f"{module}.0.{parts[0]}.weight" not in reader:
         reader.file_of(name)  # raises the checkpoint's own "not in the checkpoint" error
     experts = []
     index = 0
@@ -210,7 +209,7 @@ def check_layers(
     from safetensors import safe_open
 
     model = HFLayers(base_dir, dtype)
-    config = LoraConfig.from_pretrained(adapter_dir)
+    config = LoraConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = True
     missing: list[str] = []
     unexpected: list[str] = []

@@ -59,7 +59,7 @@ def check_trained(
     trained = TrainedLayers(trained_dir)
     reference = HFLayers(base_dir, reference_dtype(compute_dtype, trained.dtype))
     floor = HFLayers(base_dir, trained.dtype)
-    config = LoraConfig.from_pretrained(adapter_dir)
+    config = LoraConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = True
     results = []
     with (

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -27,6 +27,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_trainer.errors import ExportError
+
+if TYPE_CHECKING:
+    from lora_trainer.qwen35.model import Qwen35Model
 
 STAGE_FILE = "trained-layers-stage-{stage:05d}.safetensors"
 _STAGE_GLOB = "trained-layers-stage-*.safetensors"
@@ -43,7 +46,7 @@ class TrainedLayer:
     routing: Tensor | None
 
 
-def record_trained_layers(model: nn.Module, input_ids: Tensor, directory: Path) -> Path | None:
+def record_trained_layers(model: Qwen35Model, input_ids: Tensor, directory: Path) -> Path | None:
     """Run `input_ids` ([batch, seq]) forward through this rank's stage of `model` (a
     `Qwen35Model`) and write the records of its layers into `directory` (module docstring).
     Collective: every rank of the job calls it. Returns the file this rank wrote, if any."""
@@ -163,14 +166,15 @@ class TrainedLayers:
         for path in sorted(self.directory.glob(_STAGE_GLOB)):
             with safe_open(str(path), framework="pt") as handle:
                 dtypes.add((handle.metadata() or {}).get(_DTYPE_KEY))
-                for key in handle.keys():
+                keys = handle.keys()  # a safe_open handle is not iterable
+                for key in keys:
                     self.files.setdefault(int(key.split(".")[1]), path)
         if not self.files or len(dtypes) != 1 or None in dtypes:
             raise ExportError(
                 f"{self.directory} holds no readable records of the trained layers "
                 f"({_STAGE_GLOB}): the save's export snapshot is incomplete"
             )
-        self.dtype: torch.dtype = getattr(torch, dtypes.pop())
+        self.dtype: torch.dtype = getattr(torch, str(dtypes.pop()))
 
     def layer(self, index: int) -> TrainedLayer:
         path = self.files.get(index)
