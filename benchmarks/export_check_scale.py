@@ -247,7 +247,7 @@ def main() -> None:
         print(result.message)
         for kind, figures in result.kinds.items():
             print(
-                f"  {kind:15s} max |adapter - merged| {figures.max_abs_diff:.3g}, rounding "
+                f"  {kind:20s} max difference {figures.max_abs_diff:.3g}, rounding "
                 f"{figures.rounding_diff:.3g}, "
                 f"tolerance {figures.tolerance:.3g}, scale {figures.scale:.3g}"
             )
