@@ -2,15 +2,18 @@
 
 Generates a random bf16 `qwen3_5_moe_text` checkpoint at 35B-A3B widths (hidden 2048, 256 routed
 experts of width 512, top-8, 16 q heads / 2 KV groups of 256, GDN 16 key / 32 value heads of 128,
-vocab 248320; one GDN and one attention layer: ~5 GB) and a random rank-16 adapter on every LoRA
-target, exports adapter + merged checkpoint (`export_hf`), then runs `check_export` in layer
-mode. Prints the time and this process's peak RSS above its baseline for the export and for the
-check (the peak is reset between phases through /proc/self/clear_refs), the check's per-kind
-differences and tolerances, and whether the whole model would have fit the memory budget.
+vocab 248320; one GDN and one attention layer: ~5 GB). Our model is built on it (one rank, bf16 as
+on GPUs) with random rank-16 LoRA factors on every target; it records its layers on the check
+batch (`record_trained_layers`), exports adapter + merged checkpoint (`export_hf`) and is freed.
+Then `check_export` runs in layer mode, against the records too. Prints the time and this
+process's peak RSS above its baseline for the model + export and for the check (the peak is reset
+between phases through /proc/self/clear_refs), the check's per-kind differences and tolerances,
+each layer's difference from our model with its tolerance, and whether the whole model would
+have fit the memory budget.
 
     python benchmarks/export_check_scale.py [--layers 2] [--experts 256] [--work DIR] [--skip-check]
 
-Needs ~10 GB of disk and, for the check, several GB of memory: see the printed peaks. With
+Needs ~10 GB of disk and ~8 GB of memory for our model in bf16: see the printed peaks. With
 `--work DIR` the base and the export are kept there and reused by the next run (so the check can
 run on its own, e.g. while holding a lock on a shared machine); without it everything goes into a
 temporary directory that is deleted.
@@ -116,6 +119,7 @@ def write_base(directory: Path, cfg: dict[str, object]) -> None:
 
 
 def random_adapter(shapes: dict[str, tuple[int, ...]]) -> HFAdapter:
+    """A random rank-16 adapter on every LoRA target of the slice (for `export_memory.py`)."""
     generator = torch.Generator().manual_seed(1)
     linears: dict[str, HFLoraWeights] = {}
     experts: dict[str, HFExpertLoraWeights] = {}
@@ -138,6 +142,38 @@ def random_adapter(shapes: dict[str, tuple[int, ...]]) -> HFAdapter:
                 0.01 * torch.randn(fan_out, RANK, generator=generator),
             )
     return HFAdapter(linears, experts, RANK, ALPHA, False, "model.", "bench-qwen3.5-35b-a3b-slice")
+
+
+def trained_export(base: Path, save: Path, trained: Path, ids: torch.Tensor) -> None:
+    """Our model on `base` (one rank, bf16) with random LoRA factors records its layers on `ids`
+    into `trained` and exports its adapter into `save`."""
+    from lora_trainer.bridge.build import build_model_from_hf
+    from lora_trainer.export.gather_adapter import gather_hf_adapter
+    from lora_trainer.export.trained_layers import record_trained_layers
+    from lora_trainer.lora.config import LoraConfig
+    from lora_trainer.lora.inject import inject_lora
+    from lora_trainer.parallel.config import ParallelConfig
+    from lora_trainer.parallel.state import destroy_parallel, initialize_parallel
+
+    parallel = ParallelConfig()
+    lora = LoraConfig(r=RANK, alpha=ALPHA)
+    initialize_parallel(parallel)
+    try:
+        loaded = build_model_from_hf(base, parallel, params_dtype=torch.bfloat16)
+        adapters = inject_lora(loaded.model, lora)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in loaded.model.named_parameters():
+                if param.requires_grad:
+                    std = param.shape[-1] ** -0.5 if "lora_A" in name else 0.01
+                    values = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+                    param.copy_(std * values)
+        record_trained_layers(loaded.model, ids, trained)
+        adapter = gather_hf_adapter(adapters, loaded.spec, lora, str(base))
+        del loaded, adapters
+        export_hf(adapter, base, save, step=1, progress=False)
+    finally:
+        destroy_parallel()
 
 
 def rss() -> tuple[int, int]:
@@ -177,22 +213,20 @@ def main() -> None:
             print(f"base written in {time.perf_counter() - started:.0f} s")
         size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         print(f"base: {size / 2**30:.2f} GiB bf16, {args.layers} layers, {args.experts} experts")
-        if not (root / "save" / MANIFEST_FILE).is_file():
-            adapter = random_adapter(shapes_of(cfg))
+        ids = torch.randint(0, 248320, (2, 16), generator=torch.Generator().manual_seed(0))
+        save, trained = root / "trained_save", root / "trained_save" / "trained"
+        if not (save / MANIFEST_FILE).is_file():
             baseline = reset_peak()
             started = time.perf_counter()
-            export_hf(adapter, base, root / "save", step=1, progress=False)
+            trained_export(base, save, trained, ids)
             print(
-                f"export (adapter + merged): {time.perf_counter() - started:.1f} s, peak RSS "
-                f"{(rss()[1] - baseline) / 2**20:.0f} MiB above the {baseline / 2**20:.0f} MiB "
-                "before it"
+                f"our model (bf16) + record + export: {time.perf_counter() - started:.1f} s, "
+                f"peak RSS {(rss()[1] - baseline) / 2**20:.0f} MiB above the "
+                f"{baseline / 2**20:.0f} MiB before it"
             )
-            del adapter
         if args.skip_check:
             return
         from lora_trainer.export.check import CHECK_MEMORY_GB, check_export, model_bytes
-
-        ids = torch.randint(0, 248320, (2, 16), generator=torch.Generator().manual_seed(0))
 
         full = model_bytes(base, torch.float32)
         print(
@@ -203,7 +237,7 @@ def main() -> None:
         baseline = reset_peak()
         started = time.perf_counter()
         result = check_export(
-            base, root / "save" / ADAPTER_DIR, root / "save" / MERGED_DIR, ids, mode="layer"
+            base, save / ADAPTER_DIR, save / MERGED_DIR, ids, mode="layer", trained=trained
         )
         print(
             f"check (layer mode): {time.perf_counter() - started:.1f} s, peak RSS "
@@ -213,9 +247,16 @@ def main() -> None:
         print(result.message)
         for kind, figures in result.kinds.items():
             print(
-                f"  {kind:15s} max |adapter - merged| {figures.max_abs_diff:.3g}, rounding "
+                f"  {kind:20s} max difference {figures.max_abs_diff:.3g}, rounding "
                 f"{figures.rounding_diff:.3g}, "
                 f"tolerance {figures.tolerance:.3g}, scale {figures.scale:.3g}"
+            )
+
+        for layer in result.trained_layers:
+            print(
+                f"  layer {layer.layer}: max |ours - reference| {layer.max_abs_diff:.3g}, "
+                f"reference in {result.trained_dtype} {layer.rounding_diff:.3g}, "
+                f"tolerance {layer.tolerance:.3g}, scale {layer.scale:.3g}"
             )
 
 

@@ -126,8 +126,9 @@ class BackgroundExports:
         )
         raise ExportError(
             f"the background HF export of {save_dir} failed: {cause}. Training stopped at step "
-            f"{trainer.global_step}; the save's training state is intact: fix the cause, then complete "
-            f"the export with `python -m lora_trainer.export {save_dir}`, or resume with resume=latest"
+            f"{trainer.global_step}; the save's training state is intact: fix the cause, then "
+            f"complete the export with `python -m lora_trainer.export {save_dir}`, or resume with "
+            "resume=latest"
         )
 
 

@@ -13,7 +13,11 @@ workers (`background_export.py`) while training goes on.
 The run's configuration wires it (`callbacks.save` in `lora_trainer.training.config`): its
 arguments are interpolated from `output_dir`, `checkpoint.*` and `export.*`. What it reads from
 the LightningModule is the `AdaptedModel` protocol (`lora_trainer.export.source`), and the save
-the run resumed from is the one whose training state the Trainer loaded (`trainer.ckpt_path`)."""
+the run resumed from is the one whose training state the Trainer loaded (`trainer.ckpt_path`).
+
+With `check=True` every rank first records what the model computes in each of its layers on the
+check batch into the export snapshot (`record_trained_layers`), which the check compares the
+export with."""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from lora_trainer.export.hf_export import export_hf
 from lora_trainer.export.peft_adapter import Profile
 from lora_trainer.export.snapshot import snapshot_dir, write_factors, write_job
 from lora_trainer.export.source import AdaptedModel
+from lora_trainer.export.trained_layers import record_trained_layers
 from lora_trainer.files.atomic import publish_directory, temporary_directory
 from lora_trainer.saves import checkpoints_dir, complete_saves, save_dir_name, saves_to_prune
 
@@ -59,7 +64,7 @@ def check_input_ids(vocab_size: int) -> torch.Tensor:
 def adapted(module: pl.LightningModule) -> AdaptedModel:
     """`module` as the `AdaptedModel` the export reads; TypeError naming what it lacks."""
     if not isinstance(module, AdaptedModel):
-        members = ("adapters", "hf_path", "lora_config", "spec")
+        members = ("adapters", "hf_path", "lora_config", "spec", "megatron_model")
         missing = [name for name in members if not hasattr(module, name)]
         raise TypeError(
             f"the save callback exports LoRA adapters: {type(module).__name__} has no "
@@ -140,6 +145,7 @@ class CheckpointExportCallback(pl.Callback):
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
         failure: Exception | None = None
         try:
+            trained = self._record_trained_layers(module, staging)
             adapter = distributed_hf_adapter(
                 module.adapters, module.spec, module.lora_config, module.hf_path
             )
@@ -153,6 +159,7 @@ class CheckpointExportCallback(pl.Callback):
                 profile=self.profile,
                 check_input_ids=check_input_ids(module.spec.vocab_size) if self.check else None,
                 check_memory_gb=self.check_memory_gb,
+                check_trained_layers=trained,
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 barrier=strategy.barrier,
@@ -168,6 +175,7 @@ class CheckpointExportCallback(pl.Callback):
             failure = error
         raise_on_every_rank(failure)
         if trainer.is_global_zero:
+            shutil.rmtree(snapshot_dir(staging), ignore_errors=True)
             publish_directory(staging, final)
             self._prune()
             log.info(
@@ -190,6 +198,7 @@ class CheckpointExportCallback(pl.Callback):
         staging = _staging(trainer, final)
         trainer.save_checkpoint(staging / "training_state", weights_only=False)
         state_seconds = time.perf_counter() - started
+        trained = self._record_trained_layers(module, staging)
         write_factors(staging, trainer.global_rank, local_hf_factors(module.adapters, module.spec))
         if trainer.is_global_zero:
             lora = module.lora_config
@@ -205,6 +214,7 @@ class CheckpointExportCallback(pl.Callback):
                     check_input_ids(module.spec.vocab_size).tolist() if self.check else None
                 ),
                 check_memory_gb=self.check_memory_gb,
+                trained_layers=trained is not None,
                 r=lora.r,
                 alpha=lora.alpha,
                 use_rslora=lora.rslora,
@@ -228,6 +238,16 @@ class CheckpointExportCallback(pl.Callback):
             )
         self.last_saved_step = step
         return final
+
+    def _record_trained_layers(self, module: AdaptedModel, staging: Path) -> Path | None:
+        """With the export check on, what our model computes in each layer on the check batch,
+        recorded into the save's export snapshot for the check to compare against (every rank)."""
+        if not self.check:
+            return None
+        directory = snapshot_dir(staging)
+        batch = check_input_ids(module.spec.vocab_size)
+        record_trained_layers(module.megatron_model, batch, directory)
+        return directory
 
     def _prune(self) -> None:
         saves = complete_saves(self.root)

@@ -213,3 +213,59 @@ def run_recompute(
     finally:
         destroy_parallel()
     return results
+
+
+def run_trained_export(
+    rank: int,
+    world_size: int,
+    parallel: dict[str, Any],
+    checkpoint: str,
+    input_ids: torch.Tensor,
+    lora: dict[str, Any],
+    save_dir: str,
+    dtype: torch.dtype = torch.float32,
+    mutate: str | None = None,
+) -> dict[str, Any]:
+    """Our model with random LoRA factors (the same at every layout) records its layers on
+    `input_ids` into `save_dir/trained`, then every rank exports its part of the adapter into
+    `save_dir` with the export check against those records; rank 0 returns the manifest. With
+    `mutate`, the adapter of that name gets its lora_B negated between the recording and the
+    export: the export then is not the model that computed the records."""
+    from lora_trainer.bridge.build import build_model_from_hf
+    from lora_trainer.export.gather_adapter import distributed_hf_adapter
+    from lora_trainer.export.hf_export import export_hf
+    from lora_trainer.export.trained_layers import record_trained_layers
+    from lora_trainer.lora.config import LoraConfig
+    from lora_trainer.lora.experts import linear_adapters
+    from lora_trainer.lora.inject import inject_lora
+    from lora_trainer.parallel.config import ParallelConfig
+    from lora_trainer.parallel.state import destroy_parallel, initialize_parallel
+
+    config = ParallelConfig(**parallel)
+    lora_config = LoraConfig(**lora)
+    initialize_parallel(config, seed=1234)
+    try:
+        loaded = build_model_from_hf(Path(checkpoint), config, params_dtype=dtype)
+        adapters = inject_lora(loaded.model, lora_config)
+        for adapter in linear_adapters(adapters):
+            adapter.set_full(*random_full_factors(adapter, seed=5))
+        trained = Path(save_dir) / "trained"
+        record_trained_layers(loaded.model, input_ids, trained)
+        for adapter in linear_adapters(adapters):
+            if adapter.name.endswith(mutate or "\0"):
+                a, b = random_full_factors(adapter, seed=5)
+                adapter.set_full(a, -b)
+        return export_hf(
+            distributed_hf_adapter(adapters, loaded.spec, lora_config, checkpoint),
+            Path(checkpoint),
+            Path(save_dir),
+            step=1,
+            check_input_ids=input_ids,
+            check_trained_layers=trained,
+            rank=rank,
+            world_size=world_size,
+            barrier=dist.barrier,
+            progress=False,
+        )
+    finally:
+        destroy_parallel()

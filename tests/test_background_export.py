@@ -412,7 +412,15 @@ def fs_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def synchronous_run(tmp_path_factory: pytest.TempPathFactory, fs_log: Path) -> Path:
     out = tmp_path_factory.mktemp("synchronous")
-    _ok(run_train(out, *STEPS, "export.background=false", pythonpath=str(fs_log.parent)))
+    _ok(
+        run_train(
+            out,
+            *STEPS,
+            "export.background=false",
+            "export.check=true",
+            pythonpath=str(fs_log.parent),
+        )
+    )
     return out / "checkpoints"
 
 
@@ -451,6 +459,16 @@ def test_background_saves_equal_synchronous_saves(synchronous_run: Path, tmp_pat
         )
         assert manifest["adapter"] == synchronous["adapter"]
         assert manifest["export_started_at"] <= manifest["export_finished_at"]
+        # Both exports were checked against what the trained model computed in every layer
+        # (recorded into the snapshot, which is gone once the export finished).
+        synchronous = synchronous_run / f"step-{step}"
+        assert SNAPSHOT_DIR not in {p.name for p in synchronous.iterdir()}
+        sync_check = json.loads((synchronous / "export_manifest.json").read_text())["check"]
+        for check in (manifest["check"], sync_check):
+            layers = check["trained_layers"]
+            assert check["trained_dtype"] == "float32" and len(layers) >= 2
+            assert [layer["layer"] for layer in layers] == list(range(len(layers)))
+            assert all(0 < layer["max_abs_diff"] <= layer["tolerance"] for layer in layers)
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     times = [record["time"] for record in records]
     assert len(records) == 4 and times == sorted(times) and times[-1] <= time.time()

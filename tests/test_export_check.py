@@ -18,9 +18,18 @@ from lora_trainer.export.hf_adapter_weights import HFAdapter
 from lora_trainer.export.hf_export import ADAPTER_DIR, MERGED_DIR, export_hf
 from lora_trainer.export.manifest import LIBRARIES, MANIFEST_FILE, MODULE_KINDS
 from lora_trainer.export.peft_adapter import WEIGHTS_FILE
-from tests.checkpoints import KIND_MOE_VL, fixed_batch, load_hf_model
+from lora_trainer.export.trained_layers import TrainedLayers
+from tests.checkpoints import (
+    KIND_MOE_VL,
+    build_hf_model,
+    fixed_batch,
+    load_hf_model,
+    save_checkpoint,
+)
 from tests.export_fixtures import make_base
-from tests.numerics import FLOOR_FACTOR, noise_floor, to_float64
+from tests.lora_runner import run_trained_export
+from tests.multirank import run_multirank
+from tests.numerics import FLOOR_FACTOR, assert_close, noise_floor, to_float64
 
 STEP = 42
 BATCH = fixed_batch(256)
@@ -159,3 +168,113 @@ def test_corrupted_merged_tensor_fails(exported: tuple, tmp_path: Path) -> None:
     assert result.missing_keys == result.unexpected_keys == result.merged_missing_keys == []
     assert result.max_abs_diff_adapter_vs_merged > 0.01
     assert "adapter and merged logits differ" in result.message
+
+
+# The comparison with our trained model: our Megatron model with random LoRA factors records its
+# layers on the check batch, and the export made from its adapter is checked against the records.
+# The base is stored in the dtype our model computes in, as in training (fp32 on CPU, bf16 on GPU).
+TRAINED_LORA = {"r": 4, "alpha": 8.0}
+MUTATED = "layers.1.mlp.experts.gate_up_proj[0]"
+LAYERS = [0, 1, 2, 3]
+# How far above its tolerance the changed expert puts its layer: fp32 resolves ~1e-6 of the
+# output scale, bf16 ~1e-2 (the bf16 floor of these random layers is 1-4% of their output).
+WRONG_MARGIN = {torch.float32: 100.0, torch.bfloat16: 4.0}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+@pytest.fixture(scope="module")
+def trained_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[torch.dtype, str]:
+    root = tmp_path_factory.mktemp("trained")
+    return {
+        dtype: str(
+            save_checkpoint(
+                build_hf_model(KIND_MOE_VL),
+                root / str(dtype).removeprefix("torch."),
+                dtype=dtype,
+                packed_experts=True,
+                with_mtp=True,
+            )
+        )
+        for dtype in WRONG_MARGIN
+    }
+
+
+def trained_export(
+    base: str,
+    save_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    parallel: dict[str, Any] | None = None,
+    mutate: str | None = None,
+) -> dict[str, Any]:
+    """The check part of the manifest of `run_trained_export` (2 ranks with `parallel`)."""
+    manifests = run_multirank(
+        run_trained_export,
+        2 if parallel else 1,
+        parallel or {},
+        base,
+        BATCH,
+        TRAINED_LORA,
+        str(save_dir),
+        dtype,
+        mutate,
+        timeout=600,
+    )
+    return manifests[0]["check"]
+
+
+@DTYPES
+def test_export_computes_what_the_trained_model_computed(
+    trained_bases: dict[torch.dtype, str], tmp_path: Path, dtype: torch.dtype
+) -> None:
+    check = trained_export(trained_bases[dtype], tmp_path, dtype)
+
+    assert check["passed"], check["message"]
+    assert check["trained_dtype"] == str(dtype).removeprefix("torch.")
+    layers = check["trained_layers"]
+    assert [layer["layer"] for layer in layers] == LAYERS
+    for layer in layers:
+        # Our layer is about as far from the reference as the reference run in our dtype.
+        assert 0 < layer["max_abs_diff"] <= 2 * layer["rounding_diff"], layer
+        assert layer["max_abs_diff"] < layer["tolerance"] / 3, layer
+    assert "trained_layer_output" in check["kinds"]
+
+
+@DTYPES
+def test_export_of_another_lora_than_the_trained_one_fails(
+    trained_bases: dict[torch.dtype, str], tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """One expert's factors change between the recording and the export: adapter and merged
+    checkpoint still agree, only the comparison with the trained layer sees it."""
+    check = trained_export(trained_bases[dtype], tmp_path, dtype, mutate=MUTATED)
+
+    assert not check["passed"]
+    assert all(
+        result["max_abs_diff"] <= result["tolerance"]
+        for kind, result in check["kinds"].items()
+        if kind != "trained_layer_output"
+    )
+    ratios = [layer["max_abs_diff"] / layer["tolerance"] for layer in check["trained_layers"]]
+    assert max(ratios[:1] + ratios[2:]) <= 1, check["message"]
+    assert ratios[1] > WRONG_MARGIN[dtype], check["message"]
+    assert (
+        "does not compute what the trained model computed: outputs of layer 1 "
+        in (check["message"])
+    )
+
+
+def test_trained_records_of_two_expert_parallel_ranks_equal_one_rank(
+    trained_bases: dict[torch.dtype, str], tmp_path: Path
+) -> None:
+    base = trained_bases[torch.float32]
+    one = trained_export(base, tmp_path / "one")
+    two = trained_export(base, tmp_path / "ep2", parallel={"ep": 2})
+
+    assert two["passed"], two["message"]
+    records = [TrainedLayers(tmp_path / name / "trained") for name in ("one", "ep2")]
+    for layer in one["trained_layers"]:
+        single, expert_parallel = (record.layer(layer["layer"]) for record in records)
+        for what in ("input", "output"):
+            got, want = getattr(expert_parallel, what), getattr(single, what)
+            assert_close(got, want, layer["rounding_diff"], f"layer {layer['layer']} {what}")
+        assert single.routing is not None and expert_parallel.routing is not None
+        assert torch.equal(single.routing, expert_parallel.routing)

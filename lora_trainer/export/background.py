@@ -12,7 +12,8 @@ of marker files in the snapshot directory instead of collectives:
   hold; no worker loads the whole adapter, and the manifest's whole-adapter facts (layout,
   non-zero lora_B) come from the snapshot headers;
 - worker 0 also creates the adapter file, moves it and the shards into `hf_adapter/` and
-  `hf_merged/` (each directory renamed into place only when complete), runs the check and writes
+  `hf_merged/` (each directory renamed into place only when complete), runs the check (also
+  against the records of our trained model's layers in the snapshot) and writes
   `export_manifest.json` last.
 
 Once every worker has exited, the training process removes the snapshot (`discard_snapshot`; a
@@ -173,6 +174,7 @@ def _export_share(save_dir: Path, rank: int, world_size: int, parent_pid: int | 
         profile=job.profile,  # type: ignore[arg-type]
         check_input_ids=job.check_tensor(),
         check_memory_gb=job.check_memory_gb,
+        check_trained_layers=snapshot_dir(save_dir) if job.trained_layers else None,
         rank=rank,
         world_size=world_size,
         barrier=barrier,

@@ -48,7 +48,8 @@ CONDITIONAL_GENERATION_CLASSES = {
 }
 ADAPTER_NAME = "default"
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Default budget for holding the whole model in the compute dtype; above it the check goes layer by layer.
+# Default budget for holding the whole model in the compute dtype; above it the check goes layer
+# by layer.
 CHECK_MEMORY_GB = 16.0
 # Tolerance = safety x the difference one rounding of the merged weights makes (measured), and at
 # least EPS_FLOOR x the compute dtype's eps x the largest |output| of that kind. An adapted module
@@ -70,6 +71,8 @@ _EXPONENT_BITS = {
 }
 Mode = Literal["full", "layer"]
 END_KINDS = ("logits", "layer_output")
+# The kind of the comparison with our trained model's layers (`check_trained`).
+TRAINED_LAYER_OUTPUT = "trained_layer_output"
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,21 @@ class KindResult:
 
 
 @dataclass(frozen=True)
+class LayerResult(KindResult):
+    """One decoder layer against our trained model (`check_trained`): max |ours - reference|,
+    its tolerance, |reference in our model's dtype - reference| (`rounding_diff`) and the largest
+    |reference output| (`scale`)."""
+
+    layer: int
+
+
+@dataclass(frozen=True)
 class ExportCheckResult:
     """The outcome of `check_export`; `passed` is False on any key problem or difference above
     its tolerance. `max_abs_diff_adapter_vs_merged` and `tolerance` are those of the end-to-end
-    kind (`logits` in full mode, `layer_output` in layer mode); `kinds` has every kind."""
+    kind (`logits` in full mode, `layer_output` in layer mode); `kinds` has every kind (with
+    `trained`: `trained_layer_output`, the layer of `trained_layers` whose difference is the
+    largest part of its tolerance)."""
 
     passed: bool
     max_abs_diff_adapter_vs_merged: float
@@ -105,6 +119,8 @@ class ExportCheckResult:
     stored_dtype: str = "float32"
     tolerance: float = 0.0
     kinds: dict[str, KindResult] = field(default_factory=dict)
+    trained_dtype: str | None = None
+    trained_layers: list[LayerResult] = field(default_factory=list)
 
 
 class Comparison:
@@ -144,7 +160,7 @@ def model_class(model_dir: Path) -> Any:
     `qwen3_5` / `qwen3_5_moe`, else `AutoModelForCausalLM`."""
     import transformers
 
-    name = CONDITIONAL_GENERATION_CLASSES.get(_config(model_dir).get("model_type"))
+    name = CONDITIONAL_GENERATION_CLASSES.get(str(_config(model_dir).get("model_type")))
     return getattr(transformers, name) if name else transformers.AutoModelForCausalLM
 
 
@@ -195,6 +211,7 @@ def check_export(
     dtype: torch.dtype | None = None,
     memory_gb: float = CHECK_MEMORY_GB,
     mode: Mode | None = None,
+    trained: Path | None = None,
 ) -> ExportCheckResult:
     """Check the adapter in `adapter_dir` and the merged checkpoint in `merged_dir` against each
     other on the base `base_dir`, on `input_ids` ([batch, seq]); see the module docstring.
@@ -203,7 +220,9 @@ def check_export(
     checkpoint lacks, and on any kind's difference above its tolerance (also the merged logits
     against `reference_logits` when given, full mode only, with the logits' tolerance). `dtype`
     (default: `compute_dtype_for` the stored dtype) is the dtype every side runs in; `mode`
-    (default: by `memory_gb`) is `full` or `layer`.
+    (default: by `memory_gb`) is `full` or `layer`. With `trained` (a directory of our model's
+    records, `trained_layers`) every decoder layer is also compared with what our trained model
+    computed (`check_trained`, kind `trained_layer_output`, in either mode).
     """
     base_dir, adapter_dir, merged_dir = Path(base_dir), Path(adapter_dir), Path(merged_dir)
     stored = stored_dtype(base_dir)
@@ -233,6 +252,15 @@ def check_export(
         reference_diff = None
     end_kind = "logits" if mode == "full" else "layer_output"
     kinds = comparison.results()
+    trained_dtype: torch.dtype | None = None
+    trained_layers: list[LayerResult] = []
+    if trained is not None:
+        from lora_trainer.export.check_trained import check_trained, worst_layer
+
+        trained_dtype, trained_layers = check_trained(
+            base_dir, adapter_dir, Path(trained), input_ids, dtype
+        )
+        kinds[TRAINED_LAYER_OUTPUT] = worst_layer(trained_layers)
     end = kinds[end_kind]
     problems = []
     if missing:
@@ -248,18 +276,31 @@ def check_export(
             f"{len(merged_missing)} weights missing from {merged_dir} (first: {merged_missing[0]})"
         )
     for kind, result in kinds.items():
-        if not result.passed:
+        if kind != TRAINED_LAYER_OUTPUT and not result.passed:
             what = (
                 "adapter and merged logits"
                 if kind == "logits"
                 else f"adapter and merged {kind} outputs"
             )
             problems.append(
-                f"{what} differ by up to {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}"
+                f"{what} differ by up to {result.max_abs_diff:.3g} > tolerance "
+                f"{result.tolerance:.3g}"
             )
+    failed_layers = [result for result in trained_layers if not result.passed]
+    if failed_layers:
+        layers = ", ".join(
+            f"layer {result.layer} by up to {result.max_abs_diff:.3g} > tolerance "
+            f"{result.tolerance:.3g}"
+            for result in failed_layers
+        )
+        problems.append(
+            "the adapter on the base does not compute what the trained model computed: outputs "
+            f"of {layers} (trained in {str(trained_dtype).removeprefix('torch.')})"
+        )
     if reference_diff is not None and not reference_diff <= end.tolerance:
         problems.append(
-            f"reference and merged logits differ by up to {reference_diff:.3g} > tolerance {end.tolerance:.3g}"
+            f"reference and merged logits differ by up to {reference_diff:.3g} > tolerance "
+            f"{end.tolerance:.3g}"
         )
     worst = ", ".join(
         f"{kind} {result.max_abs_diff:.3g}/{result.tolerance:.3g}" for kind, result in kinds.items()
@@ -267,8 +308,8 @@ def check_export(
     message = (
         f"export check ({mode} mode) failed: " + "; ".join(problems)
         if problems
-        else f"export check passed ({mode} mode, {str(dtype).removeprefix('torch.')}): worst difference / "
-        f"tolerance per kind: {worst}"
+        else f"export check passed ({mode} mode, {str(dtype).removeprefix('torch.')}): worst "
+        f"difference / tolerance per kind: {worst}"
     )
     return ExportCheckResult(
         passed=not problems,
@@ -283,6 +324,8 @@ def check_export(
         stored_dtype=str(stored).removeprefix("torch."),
         tolerance=end.tolerance,
         kinds=kinds,
+        trained_dtype=None if trained_dtype is None else str(trained_dtype).removeprefix("torch."),
+        trained_layers=list(trained_layers),
     )
 
 
@@ -341,7 +384,7 @@ def _with_adapter(base: torch.nn.Module, adapter_dir: Path) -> tuple[Any, list[s
     missing and those of the file it did not consume (both named as in the file)."""
     from peft import PeftConfig, get_peft_model, get_peft_model_state_dict, load_peft_weights
 
-    config = PeftConfig.from_pretrained(adapter_dir)
+    config = PeftConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -456,9 +499,10 @@ def every_expert_inputs(
 
 
 def _num_experts(experts: torch.nn.Module) -> int:
-    while not hasattr(experts, "num_experts") and hasattr(experts, "base_layer"):
-        experts = experts.base_layer
-    return int(experts.num_experts)
+    module: Any = experts
+    while not hasattr(module, "num_experts") and hasattr(module, "base_layer"):
+        module = module.base_layer
+    return int(module.num_experts)
 
 
 def adapted_parameters(model: torch.nn.Module) -> list[str]:

@@ -56,7 +56,7 @@ class _Tree(nn.Module):
         self.add_module(head, _Tree(rest, layer) if rest else layer)
 
 
-class _Model:
+class HFLayers:
     """What the layers need from the base's transformers modeling module and config."""
 
     def __init__(self, base_dir: Path, dtype: torch.dtype) -> None:
@@ -88,7 +88,8 @@ class _Model:
         ]
         if len(found) != 1:
             raise ExportError(
-                f"{self.module.__name__} has no single *{suffix} class for the layer-wise export check"
+                f"{self.module.__name__} has no single *{suffix} class for the layer-wise "
+                "export check"
             )
         return found[0]
 
@@ -105,6 +106,38 @@ class _Model:
         for parameter in layer.parameters():
             parameter.requires_grad_(False)
         return layer.eval()
+
+    def layer_path(self, index: int) -> str:
+        """The path of decoder layer `index` in the PEFT-wrapped model (and in `_Tree`)."""
+        return f"{KEY_PREFIX}{self.prefix}layers.{index}"
+
+    def adapter_weights(self, index: int, adapter_file: Any) -> dict[str, Tensor]:
+        """The adapter file's tensors of decoder layer `index` (an open safetensors file)."""
+        stem = f"{self.layer_path(index)}."
+        keys = adapter_file.keys()  # a safe_open handle is not iterable
+        return {key: adapter_file.get_tensor(key) for key in keys if key.startswith(stem)}
+
+    def adapted_layer(
+        self, index: int, reader: CheckpointReader, weights: dict[str, Tensor], config: Any
+    ) -> tuple[nn.Module, Any, Any]:
+        """Decoder layer `index` of `reader`'s checkpoint with the adapter `weights` attached by
+        PEFT's own code: the `_Tree` holding it, the `LoraModel` and PEFT's load result."""
+        from peft import LoraModel, set_peft_model_state_dict
+
+        tree = _Tree(self.layer_path(index), self.layer(index, reader))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora = LoraModel(tree, config, ADAPTER_NAME)
+            result = set_peft_model_state_dict(tree, weights, ADAPTER_NAME)
+        return tree, lora, result
+
+    def layer_kwargs(self, index: int, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of decoder layer `index` from those `inputs` made."""
+        return {
+            "position_embeddings": inputs["position_embeddings"],
+            "position_ids": inputs["position_ids"],
+            "attention_mask": inputs["masks"][self.text_config.layer_types[index]],
+        }
 
     def inputs(self, input_ids: Tensor, reader: CheckpointReader) -> tuple[Tensor, dict[str, Any]]:
         """The embeddings of `input_ids` and the keyword arguments every decoder layer gets, as
@@ -144,9 +177,8 @@ def _read(reader: CheckpointReader, name: str) -> Tensor:
     if name in reader:
         return reader.read(name)
     module, _, proj = name.rpartition(".")
-    parts = PER_EXPERT_MODULES.get(proj)
-    first = f"{module}.0.{parts[0]}.weight" if parts else None
-    if not parts or first not in reader:
+    parts = PER_EXPERT_MODULES.get(proj, ())
+    if not parts or f"{module}.0.{parts[0]}.weight" not in reader:
         reader.file_of(name)  # raises the checkpoint's own "not in the checkpoint" error
     experts = []
     index = 0
@@ -176,8 +208,8 @@ def check_layers(
     from peft import LoraConfig
     from safetensors import safe_open
 
-    model = _Model(base_dir, dtype)
-    config = LoraConfig.from_pretrained(adapter_dir)
+    model = HFLayers(base_dir, dtype)
+    config = LoraConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = True
     missing: list[str] = []
     unexpected: list[str] = []
@@ -191,20 +223,18 @@ def check_layers(
         file_keys = list(adapter_file.keys())
         hidden, layer_kwargs = model.inputs(input_ids, base)
         for index in range(model.text_config.num_hidden_layers):
-            kwargs = {
-                "position_embeddings": layer_kwargs["position_embeddings"],
-                "position_ids": layer_kwargs["position_ids"],
-                "attention_mask": layer_kwargs["masks"][model.text_config.layer_types[index]],
-            }
-            keys = [
-                key
-                for key in file_keys
-                if key.startswith(f"{KEY_PREFIX}{model.prefix}layers.{index}.")
-            ]
-            consumed.update(keys)
-            weights = {key: adapter_file.get_tensor(key) for key in keys}
+            weights = model.adapter_weights(index, adapter_file)
+            consumed.update(weights)
             hidden, layer_missing, layer_unexpected = _check_layer(
-                model, index, hidden, kwargs, weights, config, (base, merged), stored, comparison
+                model,
+                index,
+                hidden,
+                model.layer_kwargs(index, layer_kwargs),
+                weights,
+                config,
+                (base, merged),
+                stored,
+                comparison,
             )
             missing.extend(layer_missing)
             unexpected.extend(layer_unexpected)
@@ -213,7 +243,7 @@ def check_layers(
 
 
 def _check_layer(
-    model: _Model,
+    model: HFLayers,
     index: int,
     hidden: Tensor,
     kwargs: dict[str, Any],
@@ -225,16 +255,12 @@ def _check_layer(
 ) -> tuple[Tensor, list[str], list[str]]:
     """One layer, three sides (module docstring); returns the adapter side's output, the adapter
     keys of this layer PEFT expected but the file lacks and those of the file PEFT did not use."""
-    from peft import LoraModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     base, merged = readers
-    path = f"{KEY_PREFIX}{model.prefix}layers.{index}"
-    tree = _Tree(path, model.layer(index, base))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lora = LoraModel(tree, config, ADAPTER_NAME)
-        result = set_peft_model_state_dict(tree, weights, ADAPTER_NAME)
-        in_model = set(get_peft_model_state_dict(tree, adapter_name=ADAPTER_NAME))
+    tree, lora, result = model.adapted_layer(index, base, weights, config)
+    path = model.layer_path(index)
+    in_model = set(get_peft_model_state_dict(tree, adapter_name=ADAPTER_NAME))
     layer = tree.get_submodule(path)
     missing = (in_model - set(weights)) | {
         file_key(key) for key in result.missing_keys if "lora_" in key

@@ -84,6 +84,7 @@ def export_hf(
     check_input_ids: Tensor | None = None,
     check_dtype: torch.dtype | None = None,
     check_memory_gb: float = CHECK_MEMORY_GB,
+    check_trained_layers: Path | None = None,
     rank: int = 0,
     world_size: int = 1,
     barrier: Barrier | None = None,
@@ -95,8 +96,10 @@ def export_hf(
 
     Returns the manifest on rank 0 and `{}` on the other ranks. With `check_input_ids` ([batch,
     seq] token ids) rank 0 runs `check_export` (in `check_dtype`, layer by layer when the model
-    exceeds `check_memory_gb`) on the written adapter and merged checkpoint (peft profile only)
-    and records the result in the manifest; a failed check is logged as an error, not raised (the
+    exceeds `check_memory_gb`) on the written adapter and merged checkpoint (peft profile only),
+    also against our trained model's layers when `check_trained_layers` (a directory of
+    `trained_layers` records, complete once every rank reached the first barrier) is given, and
+    records the result in the manifest; a failed check is logged as an error, not raised (the
     caller decides). `barrier` (needed when `world_size > 1`) must block until every rank has
     called it. Raises ExportError when anything cannot be written (PeerExportError on a rank whose
     own steps succeeded but another rank's failed). The manifest records `status`
@@ -148,7 +151,14 @@ def export_hf(
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
     check = _run_check(
-        base_dir, save_dir, profile, check_input_ids, check_dtype, check_memory_gb, written
+        base_dir,
+        save_dir,
+        profile,
+        check_input_ids,
+        check_dtype,
+        check_memory_gb,
+        check_trained_layers,
+        written,
     )
     return _finish(parts, base_dir, save_dir, step, profile, written, check, started, started_at)
 
@@ -358,6 +368,7 @@ def _run_check(
     input_ids: Tensor | None,
     dtype: torch.dtype | None,
     memory_gb: float,
+    trained: Path | None,
     written: dict[str, Path],
 ) -> ExportCheckResult | None:
     """The export check when asked for and possible; logs its outcome."""
@@ -376,6 +387,7 @@ def _run_check(
         input_ids,
         dtype=dtype,
         memory_gb=memory_gb,
+        trained=trained,
     )
     log = logger.info if result.passed else logger.error
     log("%s (%.1f s)", result.message, time.monotonic() - started)

@@ -3,9 +3,11 @@
 At a save every rank writes its LoRA factors, already in HF layout (`local_hf_factors`), into
 `step-N/export_snapshot/factors-rank-KKKKK.safetensors` (with, in the file's metadata, which of
 them have a non-zero lora_B), and rank 0 writes `job.json`: the base checkpoint, the export
-settings, the adapter's hyperparameters and the check batch. Both are written before `step-N` gets
-its name, so a published save always carries a whole snapshot, and its export can be made later by
-any process (`python -m lora_trainer.export SAVE_DIR`).
+settings, the adapter's hyperparameters and the check batch. With the export check on, the
+snapshot also holds what our model computed in each layer on the check batch
+(`trained-layers-stage-KKKKK.safetensors`, `trained_layers.py`). All are written before `step-N`
+gets its name, so a published save always carries a whole snapshot, and its export can be made
+later by any process (`python -m lora_trainer.export SAVE_DIR`).
 
 `SnapshotReader` reads it back without loading the adapter: the headers of every rank's file give
 each factor's shape and place (`meta_adapter`: the whole layout on the meta device) and the
@@ -67,6 +69,8 @@ class ExportJob:
     text_prefix: str
     saved_at: float
     check_memory_gb: float = CHECK_MEMORY_GB
+    # Whether the snapshot holds our model's records of the check batch (`trained_layers`).
+    trained_layers: bool = False
 
     def check_tensor(self) -> torch.Tensor | None:
         return (

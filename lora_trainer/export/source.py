@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from lora_trainer.lora.config import LoraConfig
 from lora_trainer.lora.experts import Adapter
+from lora_trainer.qwen35.model import Qwen35Model
 from lora_trainer.qwen35.spec import Qwen35Spec
 
 
@@ -21,7 +22,9 @@ class AdaptedModel(Protocol):
     - `adapters`: this rank's LoRA modules (what `lora_trainer.lora.inject.inject_lora` returns);
     - `hf_path`: the base checkpoint directory;
     - `lora_config`: the LoRA settings the adapters were built with;
-    - `spec`: the base model's `Qwen35Spec` (once the model is built).
+    - `spec`: the base model's `Qwen35Spec` (once the model is built);
+    - `megatron_model`: this rank's stage of the model being trained (once built), which the export
+      check's comparison with the trained layers runs.
     """
 
     adapters: list[Adapter]
@@ -30,3 +33,6 @@ class AdaptedModel(Protocol):
 
     @property
     def spec(self) -> Qwen35Spec: ...
+
+    @property
+    def megatron_model(self) -> Qwen35Model: ...

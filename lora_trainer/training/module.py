@@ -29,6 +29,7 @@ from lora_trainer.errors import CheckpointError
 from lora_trainer.lora.experts import Adapter
 from lora_trainer.lora.inject import inject_lora
 from lora_trainer.parallel.config import ParallelConfig
+from lora_trainer.qwen35.model import Qwen35Model
 from lora_trainer.qwen35.spec import Qwen35Spec
 from lora_trainer.training.config import TrainConfig
 from lora_trainer.training.loss import masked_token_loss
@@ -92,6 +93,11 @@ class LoraTrainingModule(pl.LightningModule):
     def spec(self) -> Qwen35Spec:
         """The base model's spec (once `configure_model` built it)."""
         return self.built().spec
+
+    @property
+    def megatron_model(self) -> Qwen35Model:
+        """This rank's stage of the model (once `configure_model` built it)."""
+        return self.built().model
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.built().model.parameters() if p.requires_grad]
