@@ -33,7 +33,7 @@ from lora_trainer.export.hf_adapter_weights import (
     LocalFactors,
 )
 from lora_trainer.export.hf_export import export_hf
-from lora_trainer.export.merged import shard_modules
+from lora_trainer.export.merge_plan import shard_modules
 from lora_trainer.export.peft_adapter import Profile, write_peft_adapter
 from lora_trainer.export.snapshot import (
     FACTORS_FILE,
