@@ -16,14 +16,15 @@ tokenization, rows/s and peak memory (Linux `/proc`):
 
 Then a second run on the same data, which must load the cache instead. Prints one line per size,
 then the ratios of the largest size to the smallest (rows/s: goal ~1, tokenization scales
-linearly) and the growth of each peak anonymous RSS per row between them, in bytes (goal: a few
-bytes). What still grows with the rows, all of it bounded by design:
+linearly) and the growth of each peak anonymous RSS per row between them, in bytes (goal: no
+more than the ~10 bytes below). What still grows with the rows:
 
 - the packing plan, 8 bytes per packed row (its first sample's index), in RAM for the whole run
-  (a packed row holds several samples: ~3 bytes per sample here);
-- the metadata of the Arrow record batches of the memory-mapped tables the tokenizing process
-  opens (~1 KiB per record batch and column; batches of 1,000 rows: ~4 bytes per row while
-  tokenizing, ~3 bytes per row for the cached samples every rank opens);
+  (a packed row holds several samples: ~1.3 bytes per sample here);
+- the metadata of the Arrow record batches of the memory-mapped tables a process opens (~1 KiB
+  per record batch and column, batches of 1,000 rows): ~10 bytes per row in the tokenizing
+  process, which opens the source rows, the tokenized rows, the kept rows' indices and the
+  samples, and ~3 bytes per row in a training process, which opens the samples;
 - what `datasets` writes to disk, memory-mapped, not in RAM: the source rows in Arrow, the
   tokenized rows, the kept rows' indices (8 bytes per row) and the samples.
 
