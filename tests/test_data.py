@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ from lora_trainer.data.packing import (
     build_row,
     collate,
     greedy_pack,
+    greedy_pack_chunks,
     sample_labels,
 )
 from lora_trainer.data.sampler import DPBatchSampler, eval_batches
@@ -481,6 +483,17 @@ def test_greedy_pack_groups_in_order() -> None:
     assert greedy_pack([8, 8], 8).tolist() == [0, 1, 2]
     with pytest.raises(DataError, match="sample 1 has 9 tokens"):
         greedy_pack([2, 9], 8)
+
+
+def test_greedy_pack_chunks_equal_whole_and_name_the_sample() -> None:
+    lengths = [(7 * i) % 8 + 1 for i in range(50)]
+    whole = greedy_pack(lengths, 8).tolist()
+    assert whole[:8] == [0, 1, 2, 3, 4, 5, 7, 9] and whole[-1] == 50
+    for size in (1, 3, 7, 50):
+        chunks = [np.asarray(lengths[i : i + size]) for i in range(0, len(lengths), size)]
+        assert greedy_pack_chunks(chunks, 8).tolist() == whole
+    with pytest.raises(DataError, match="sample 4 has 9 tokens"):
+        greedy_pack_chunks([np.asarray([1, 2, 3]), np.asarray([4, 9])], 8)
 
 
 def test_build_row_fields() -> None:

@@ -12,9 +12,10 @@ import datasets
 import pytest
 import torch
 
-from lora_trainer.data import pipeline
+from lora_trainer.data import packing, pipeline, sources
 from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.data.formats import Columns
+from lora_trainer.data.packing import PackedDataset, TokenizedRows, greedy_pack
 from lora_trainer.data.pipeline import SourceSpec, parse_sources, tokenize_source
 from lora_trainer.data.tokenize import TokenizeSettings
 from lora_trainer.demo.tokenizer import build_tiny_tokenizer, tiny_sft_records
@@ -342,6 +343,44 @@ def test_overlong_summary_line_truncate_and_error(
         module(path, tokenizer_dir, tmp_path / "cache", max_seq_len=96, overlong="error").samples(
             "data.train_path"
         )
+
+
+def test_parquet_shards_read_in_batches_equal_jsonl_and_locate_dropped_rows(
+    tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = tiny_sft_records(12)
+    long = {
+        "messages": [
+            {"role": "user", "content": "Say long."},
+            {"role": "assistant", "content": "long " * 200},
+        ]
+    }
+    records[2] = records[9] = long
+    jsonl = write_jsonl(tmp_path / "train.jsonl", records)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    arrow(records[:5]).to_parquet(str(shards / "0.parquet"))
+    arrow(records[5:]).to_parquet(str(shards / "1.parquet"))
+    monkeypatch.setattr(sources, "PARQUET_BATCH_ROWS", 2)
+    expected, _ = tokenize(jsonl, tokenizer_dir, tmp_path / "cache", max_seq_len=96)
+    samples, summary = tokenize(shards, tokenizer_dir, tmp_path / "cache", max_seq_len=96)
+    assert summary.rows == 12 and summary.counts == {"KEPT": 10, "OVERLONG": 2}
+    assert summary.examples == {
+        "OVERLONG": [f"{shards / '0.parquet'} row 2", f"{shards / '1.parquet'} row 4"]
+    }
+    assert samples["input_ids"][:] == expected["input_ids"][:]
+    assert samples["loss_mask"][:] == expected["loss_mask"][:]
+    monkeypatch.setattr(packing, "LENGTH_CHUNK", 3)
+    rows_of_samples = TokenizedRows(samples)
+    lengths = [len(sample) for sample in rows_of_samples[:]]
+    packed = PackedDataset(rows_of_samples, 96, pad_id=0)
+    assert packed.starts is not None
+    assert packed.starts.tolist() == greedy_pack(lengths, 96).tolist()
+    unpacked = PackedDataset(rows_of_samples, 96, pad_id=0, pack=False)
+    assert unpacked.starts is None and len(unpacked) == 10
+    assert unpacked[9].input_ids[: lengths[9]] == rows_of_samples[9].input_ids
+    with pytest.raises(IndexError):
+        unpacked[10]
 
 
 def test_missing_chat_template_is_a_tokenizer_error(tokenizer_dir: Path, tmp_path: Path) -> None:
