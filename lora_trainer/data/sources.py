@@ -12,9 +12,10 @@
 
 JSON lines are kept as text in an Arrow table (`shard`, `line`, `text`) and parsed where they are
 tokenized, so a row whose fields change type from line to line is read as written and a bad line
-is reported with its number; Parquet and Arrow rows are read through `datasets` as they are.
-Either way the rows are memory-mapped from disk, never all in RAM (a JSON array file is parsed
-whole: use JSONL or Parquet for large data).
+is reported with its number; Parquet rows are copied as they are into an Arrow file, a thousand
+rows at a time, and `datasets` folders are opened in place. Either way the rows are memory-mapped
+from disk, never all in RAM (a JSON array file is parsed whole: use JSONL or Parquet for large
+data).
 """
 
 from __future__ import annotations
