@@ -170,7 +170,7 @@ def run_recompute(
     from lora_trainer.lora.inject import inject_lora
     from lora_trainer.parallel.config import ParallelConfig
     from lora_trainer.parallel.state import destroy_parallel, initialize_parallel
-    from lora_trainer.qwen35.recompute import Recompute
+    from lora_trainer.qwen35.recompute_mode import Recompute
 
     config = ParallelConfig(**parallel)
     initialize_parallel(config, seed=1234)

@@ -451,3 +451,23 @@ def test_bf16_merge_equals_reference_bit_for_bit(
         merged["model.layers.0.self_attn.q_proj.weight"],
         base["model.layers.0.self_attn.q_proj.weight"],
     )
+
+
+def test_base_truncated_during_the_export_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A base file cut short after its header was read ends the export with an ExportError that
+    says so (not a SIGBUS), and leaves no merged file behind."""
+    adapter = bf16_base(tmp_path / "base")[1]
+    shard_layouts = merged_module.shard_layouts
+
+    def layouts_then_truncate(base_dir: Path):  # type: ignore[no-untyped-def]
+        layouts = shard_layouts(base_dir)
+        for path in layouts[1]:
+            os.truncate(path, path.stat().st_size // 2)
+        return layouts
+
+    monkeypatch.setattr(merged_module, "shard_layouts", layouts_then_truncate)
+    with pytest.raises(ExportError, match="bytes early"):
+        export_merged(adapter, tmp_path / "base", tmp_path / "merged")
+    assert list((tmp_path / "merged").iterdir()) == []

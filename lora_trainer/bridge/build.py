@@ -12,7 +12,7 @@ from lora_trainer.bridge.mapping import ExpertLayout
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35.model import Qwen35Model
 from lora_trainer.qwen35.parallel_fit import check_parallel_fits
-from lora_trainer.qwen35.recompute import Recompute
+from lora_trainer.qwen35.recompute_mode import Recompute
 from lora_trainer.qwen35.spec import Qwen35Spec
 from lora_trainer.qwen35.transformer_config import build_transformer_config
 

@@ -3,9 +3,10 @@
 The base tensor is seen as [matrices * out, in] (a packed expert tensor holds one [out, in]
 matrix per expert). `tiles` cuts each matrix into tiles of rows small enough to stay in cache;
 `pieces` groups consecutive tiles into pieces of a few MiB, the unit of work one thread takes.
-`merge_piece` maps the piece's bytes of the base file, and for each tile converts its rows to
-fp32 into a reused buffer, adds `scale * b @ a` there with one `addmm`, rounds the sum once back
-to the stored dtype into a second reused buffer and writes it at the same offset of the output.
+`merge_piece`, for each tile of a piece, reads its rows of the base file into a reused buffer,
+converts them to fp32 into a second one, adds `scale * b @ a` there with one `addmm`, rounds the
+sum once back to the stored dtype into the first buffer and writes it at the same offset of the
+output.
 
 The result of a tile does not depend on how the rows are tiled: `addmm` gives every element the
 same sum for any tile of two rows or more (the matrix product of one row takes another path, so
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lora_trainer.export.merge_plan import MERGEABLE_DTYPES, LowRankDelta
-from lora_trainer.files.byte_copy import map_range, write_at
+from lora_trainer.files.byte_copy import read_at, write_at
 from lora_trainer.files.safetensors_header import TensorEntry
 
 # fp32 bytes of one tile of rows (kept in cache between the conversion, the matmul and the
@@ -50,22 +51,23 @@ class Piece:
 
 
 class Scratch:
-    """One thread's reused buffers: the fp32 tile and the rounded rows written from it."""
+    """One thread's reused buffers: the tile's rows in the stored dtype (read from the base, then
+    the rounded sum written out) and the fp32 tile."""
 
     def __init__(self) -> None:
         self._work = torch.empty(0, dtype=torch.float32)
-        self._out = torch.empty(0, dtype=torch.uint8)
+        self._rows = torch.empty(0, dtype=torch.uint8)
 
     def work(self, rows: int, fan_in: int) -> Tensor:
         if self._work.numel() < rows * fan_in:
             self._work = torch.empty(rows * fan_in, dtype=torch.float32)
         return self._work[: rows * fan_in].view(rows, fan_in)
 
-    def out(self, rows: int, fan_in: int, dtype: torch.dtype) -> Tensor:
+    def rows(self, rows: int, fan_in: int, dtype: torch.dtype) -> Tensor:
         nbytes = rows * fan_in * dtype.itemsize
-        if self._out.numel() < nbytes:
-            self._out = torch.empty(nbytes, dtype=torch.uint8)
-        return self._out[:nbytes].view(dtype).view(rows, fan_in)
+        if self._rows.numel() < nbytes:
+            self._rows = torch.empty(nbytes, dtype=torch.uint8)
+        return self._rows[:nbytes].view(dtype).view(rows, fan_in)
 
 
 def split_rows(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
@@ -111,23 +113,23 @@ def pieces(entry: TensorEntry, delta: LowRankDelta) -> Iterator[Piece]:
 def merge_piece(src: int, dst: int, piece: Piece, scratch: Scratch) -> int:
     """Merge the rows of `piece` read from the base file `src` and write them at the same offsets
     of `dst`; returns the number of bytes written."""
-    entry, first, last = piece.entry, piece.tiles[0], piece.tiles[-1]
+    entry = piece.entry
     dtype = MERGEABLE_DTYPES[entry.dtype]
     fan_in = entry.shape[-1]
     per_matrix = math.prod(entry.shape[:-1]) // piece.delta.matrices
     row_bytes = fan_in * dtype.itemsize
-    begin = first.matrix * per_matrix + first.start
-    end = last.matrix * per_matrix + last.start + last.count
-    source = map_range(src, entry.start + begin * row_bytes, entry.start + end * row_bytes)
-    base = source.view(dtype).view(end - begin, fan_in)
-    a, b = piece.delta.factors(first.matrix, last.matrix + 1)
+    first = piece.tiles[0].matrix
+    a, b = piece.delta.factors(first, piece.tiles[-1].matrix + 1)
+    written = 0
     for tile in piece.tiles:
-        row = tile.matrix * per_matrix + tile.start
+        offset = entry.start + (tile.matrix * per_matrix + tile.start) * row_bytes
+        rows = scratch.rows(tile.count, fan_in, dtype)
+        read_at(src, rows, offset)
         work = scratch.work(tile.count, fan_in)
-        work.copy_(base[row - begin : row - begin + tile.count])
-        index = tile.matrix - first.matrix
+        work.copy_(rows)
+        index = tile.matrix - first
         torch.addmm(work, b[index, tile.start : tile.start + tile.count], a[index], out=work)
-        out = scratch.out(tile.count, fan_in, dtype)
-        out.copy_(work)
-        write_at(dst, out, entry.start + row * row_bytes)
-    return (end - begin) * row_bytes
+        rows.copy_(work)
+        write_at(dst, rows, offset)
+        written += tile.count * row_bytes
+    return written

@@ -1,7 +1,7 @@
 """Moving bytes between files at explicit offsets, without going through Python objects.
 
-- `map_range`: a byte range of a file as a uint8 tensor backed by a private memory mapping (no
-  read into a buffer; the pages come from the page cache as they are touched);
+- `read_at`: a byte range of a file read into a reused tensor (`os.preadv`; a file that ends
+  early raises ExportError, where a memory mapping would die of SIGBUS);
 - `write_at`: the raw bytes of a tensor written at an offset (`os.pwrite`);
 - `copy_range`: a byte range copied from one file to another inside the kernel
   (`os.copy_file_range`; a read and a write through a bounded buffer where the platform or the
@@ -14,7 +14,6 @@ file at once.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 from collections.abc import Callable
 
@@ -29,18 +28,19 @@ FALLBACK_CHUNK = 8 * 2**20
 _COPY_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
 
 
-def map_range(fd: int, start: int, stop: int) -> Tensor:
-    """Bytes `start:stop` of the file `fd` as a uint8 tensor over a private memory mapping.
-
-    The mapping lives as long as the tensor or any view of it. Writes to the tensor would stay
-    private to this process; the file is never changed. The range must lie inside the file
-    (check it against the file size first: touching a page past the end raises SIGBUS).
-    """
-    if stop <= start:
-        return torch.empty(0, dtype=torch.uint8)
-    aligned = start - start % mmap.ALLOCATIONGRANULARITY
-    mapping = mmap.mmap(fd, stop - aligned, access=mmap.ACCESS_COPY, offset=aligned)
-    return torch.frombuffer(mapping, dtype=torch.uint8, count=stop - start, offset=start - aligned)
+def read_at(fd: int, tensor: Tensor, offset: int) -> None:
+    """Fill the contiguous CPU tensor `tensor` with the bytes at `offset` of the file `fd`. Raises
+    ExportError when the file ends first."""
+    view = tensor.reshape(-1).view(torch.uint8).numpy().data
+    done = 0
+    while done < len(view):
+        read = os.preadv(fd, [view[done : done + COPY_CHUNK]], offset + done)
+        if read == 0:
+            raise ExportError(
+                f"the base file ended {len(view) - done} bytes early while reading: it is "
+                "truncated or was changed during the export"
+            )
+        done += read
 
 
 def write_at(fd: int, tensor: Tensor, offset: int) -> None:

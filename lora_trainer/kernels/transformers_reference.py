@@ -1,10 +1,12 @@
 """transformers' Qwen3.5 models as a reference that runs on torch kernels only.
 
 transformers binds `fla` and `causal_conv1d` when its Qwen3.5 modeling modules are imported and
-those packages are importable, with no device check: a transformers model on the CPU then calls
-CUDA-only kernels. Reference runs (the export check, the fp32 side of the GPU parity check) go
-through `torch_kernels_only()`, which points the modules' kernel-bound names back at the pure-torch
-functions they wrap for the duration of the block.
+those packages are importable. Up to 5.24 it calls them whatever the device: a transformers model
+on the CPU then calls CUDA-only kernels. From 5.25 it checks the inputs' device, so a CPU model
+takes the torch path, but a CUDA model still takes the kernels. Reference runs (the export check,
+the fp32 side of the GPU parity check) go through `torch_kernels_only()`, which points the
+modules' kernel-bound names back at the pure-torch functions they wrap for the duration of the
+block.
 """
 
 from __future__ import annotations

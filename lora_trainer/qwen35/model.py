@@ -23,7 +23,8 @@ from torch import nn
 from lora_trainer.qwen35.attention import _no_init
 from lora_trainer.qwen35.layer import DecoderLayer
 from lora_trainer.qwen35.norms import ZeroCenteredRMSNorm
-from lora_trainer.qwen35.recompute import Recompute, run_with_recompute
+from lora_trainer.qwen35.recompute import run_with_recompute
+from lora_trainer.qwen35.recompute_mode import Recompute
 from lora_trainer.qwen35.rope import PartialRotaryEmbedding
 from lora_trainer.qwen35.spec import Qwen35Spec
 

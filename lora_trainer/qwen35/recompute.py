@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from enum import StrEnum
 from typing import Any
 
 import torch
@@ -30,14 +29,7 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-
-class Recompute(StrEnum):
-    """`model.recompute`: which activations the decoder layers keep for backward."""
-
-    none = "none"
-    selective = "selective"
-    full = "full"
-
+from lora_trainer.qwen35.recompute_mode import Recompute
 
 _SAVED_OPS = frozenset(
     op.name()

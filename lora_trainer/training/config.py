@@ -25,7 +25,7 @@ from typing import Any
 
 from lora_trainer.lora.config import ALL_TARGETS, LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
-from lora_trainer.qwen35.recompute import Recompute
+from lora_trainer.qwen35.recompute_mode import Recompute
 from lora_trainer.training.choices import (
     ExportProfile,
     LoggerKind,

@@ -18,8 +18,6 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-import torch.distributed as dist
-
 from lora_trainer.errors import LoraTrainerError, PeerExportError
 
 MARKER = ".lora_trainer.failed"
@@ -53,6 +51,8 @@ def clear_marker(output_dir: Path) -> None:
 
 
 def _peer_gone(error: BaseException) -> bool:
+    import torch.distributed as dist  # not at the top: train.py refuses a bad command line first
+
     return isinstance(error, (dist.DistError, PeerExportError)) or any(
         text in str(error) for text in _PEER_GONE
     )
@@ -107,6 +107,8 @@ def exit_after_launch(error: BaseException, output_dir: Path) -> NoReturn:
     if _claim(marker, code):
         if _full_error():
             traceback.print_exception(error)
+        import torch.distributed as dist
+
         rank = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
         line = describe(error)
         print(f"error: {rank}{line.removeprefix('error: ')}", file=sys.stderr)
