@@ -14,9 +14,9 @@ per-expert base stays per-expert. Every output byte sits at the offset it has in
 The copies and the pieces of this rank's shard files form one queue that `MERGE_WORKERS` threads
 work through (torch and os calls release the GIL), each with its own reused buffers, so a large
 shard is shared by all the threads and one thread's file I/O overlaps another's arithmetic.
-Memory is bounded by one tile's buffers per thread, whatever the shard or
-model size. Each thread runs its arithmetic on one torch intra-op thread: the tiles are small,
-and the threads already use the cores. Shard files are divided among ranks (rank r writes files
+Memory is bounded by one tile's buffers per thread, whatever the shard or model size. Each
+thread runs its arithmetic on one torch intra-op thread: the tiles are small, and the threads
+already use the cores. Shard files are divided among ranks (rank r writes files
 r, r + world_size, ...); rank 0 also writes the index and copies the non-weight files. Writing
 into a temporary directory and renaming it is the caller's job (`hf_export`).
 """
