@@ -14,7 +14,6 @@ must compute what this model computed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lora_trainer.errors import ExportError
+from lora_trainer.files.atomic import atomic_file, export_error
 
 if TYPE_CHECKING:
     from lora_trainer.qwen35.model import Qwen35Model
@@ -139,20 +139,12 @@ def _forward_only(model: nn.Module, input_ids: Tensor) -> None:
 
 
 def _write(path: Path, records: dict[str, Tensor], dtype: str) -> Path:
-    """`records` into `path` (flushed, then renamed into place)."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(records, str(partial), metadata={_DTYPE_KEY: dtype})
-        fd = os.open(partial, os.O_RDONLY)
+    """`records` into `path`, published whole and flushed (`atomic_file`)."""
+    with atomic_file(path) as temporary:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise ExportError(f"cannot write the trained layers' records to {path}: {error}") from error
+            save_file(records, str(temporary), metadata={_DTYPE_KEY: dtype})
+        except Exception as error:
+            raise export_error(path, error) from error
     return path
 
 
