@@ -321,8 +321,8 @@ KILLED_EXPORT = textwrap.dedent(
     from tests.checkpoints import build_hf_model
 
     written = tiled_merge.write_at
-    def write_then_die(fd, tensor, offset):
-        written(fd, tensor, offset)
+    def write_then_die(fd, view, offset):
+        written(fd, view, offset)
         os.kill(os.getpid(), signal.SIGKILL)
     tiled_merge.write_at = write_then_die
     adapter = random_adapter(build_hf_model(sys.argv[3]), sys.argv[3])
@@ -402,7 +402,7 @@ def bf16_base(directory: Path) -> tuple[dict[str, torch.Tensor], HFAdapter]:
 
 def reference_merge(base: dict[str, torch.Tensor], adapter: HFAdapter) -> dict[str, torch.Tensor]:
     """Each adapted tensor as torch ops compute it on the whole matrix: the base in fp32 plus
-    (scale * b) @ a by `addmm`, rounded once to the stored dtype."""
+    scale * (b @ a) by `addmm`, rounded once to the stored dtype."""
     factors = {
         **{f"model.{m}.weight": (w.a[None], w.b[None]) for m, w in adapter.linears.items()},
         **{f"model.{m}": (w.a, w.b) for m, w in adapter.experts.items()},
@@ -413,7 +413,7 @@ def reference_merge(base: dict[str, torch.Tensor], adapter: HFAdapter) -> dict[s
         merged[name] = (
             torch.stack(
                 [
-                    torch.addmm(tensor[m].float(), b[m].float() * adapter.scale, a[m].float())
+                    torch.addmm(tensor[m].float(), b[m].float(), a[m].float(), alpha=adapter.scale)
                     for m in range(a.shape[0])
                 ]
             )

@@ -55,10 +55,11 @@ class LowRankDelta:
         return self.a.shape[0] if self.a.ndim == 3 else 1
 
     def factors(self, first: int, stop: int) -> tuple[Tensor, Tensor]:
-        """fp32 a [M, r, in] and scale * b [M, out, r] of matrices `first:stop` (M = stop -
-        first): the base tensor seen as [matrices * out, in] has rows m * out + i = delta[m][i]."""
+        """fp32 a [M, r, in] and b [M, out, r] of matrices `first:stop` (M = stop - first; views
+        when the factors are fp32): the base tensor seen as [matrices * out, in] has rows
+        m * out + i = delta[m][i] / scale."""
         a, b = (self.a, self.b) if self.a.ndim == 3 else (self.a[None], self.b[None])
-        return a[first:stop].float(), b[first:stop].float() * self.scale
+        return a[first:stop].float(), b[first:stop].float()
 
 
 def plan_deltas(adapter: HFAdapter, names: Iterable[str]) -> dict[str, LowRankDelta]:

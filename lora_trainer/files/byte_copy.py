@@ -1,8 +1,9 @@
 """Moving bytes between files at explicit offsets, without going through Python objects.
 
-- `read_at`: a byte range of a file read into a reused tensor (`os.preadv`; a file that ends
+- `tensor_bytes`: the raw bytes of a tensor as a writable buffer sharing its memory;
+- `read_at`: a byte range of a file read into a reused buffer (`os.preadv`; a file that ends
   early raises ExportError, where a memory mapping would die of SIGBUS);
-- `write_at`: the raw bytes of a tensor written at an offset (`os.pwrite`);
+- `write_at`: a buffer written at an offset (`os.pwrite`);
 - `copy_range`: a byte range copied from one file to another inside the kernel
   (`os.copy_file_range`; a read and a write through a bounded buffer where the platform or the
   filesystem lacks it), reporting progress.
@@ -28,10 +29,14 @@ FALLBACK_CHUNK = 8 * 2**20
 _COPY_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
 
 
-def read_at(fd: int, tensor: Tensor, offset: int) -> None:
-    """Fill the contiguous CPU tensor `tensor` with the bytes at `offset` of the file `fd`. Raises
-    ExportError when the file ends first."""
-    view = tensor.reshape(-1).view(torch.uint8).numpy().data
+def tensor_bytes(tensor: Tensor) -> memoryview:
+    """The raw little-endian bytes of the contiguous CPU tensor `tensor`, sharing its memory."""
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
+
+
+def read_at(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` with the bytes at `offset` of the file `fd`. Raises ExportError when the file
+    ends first."""
     done = 0
     while done < len(view):
         read = os.preadv(fd, [view[done : done + COPY_CHUNK]], offset + done)
@@ -43,9 +48,8 @@ def read_at(fd: int, tensor: Tensor, offset: int) -> None:
         done += read
 
 
-def write_at(fd: int, tensor: Tensor, offset: int) -> None:
-    """Write the raw little-endian bytes of the contiguous CPU tensor `tensor` at `offset`."""
-    view = tensor.reshape(-1).view(torch.uint8).numpy().data
+def write_at(fd: int, view: memoryview, offset: int) -> None:
+    """Write `view` at `offset` of the file `fd`."""
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done : done + COPY_CHUNK], offset + done)
