@@ -19,6 +19,11 @@ Copy and merged run `--rounds` times, alternating, so load drift on a shared mac
 alike; the best and the median of each are printed, with the ratio merged / copy (goal <= 1.5)
 and the export's peak RSS / (largest shard + 256 MiB) (goal <= 1). Deletes everything it wrote.
 
+Each timed run first deletes its own output of the round before, then writes into the memory that
+freed. A virtual machine that hands free memory back to its host writes into memory freed seconds
+ago at several GiB/s but into long-free memory at about 0.4 GiB/s (measured here), so without
+this the order of the runs would decide the ratio. A first, untimed round makes those outputs.
+
     python benchmarks/export_speed.py [--size-gb 1.0] [--shard-mb 300] [--rounds 3] \
         [--layout per_expert|packed]
 """
@@ -214,10 +219,21 @@ def timed(function, *args, **kwargs) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - started
 
 
-def copy_files(source: Path, target: Path) -> None:
-    target.mkdir()
+def fresh_output(directory: Path) -> None:
+    """Delete `directory` (the output of the round before) and make it again, empty; flush the
+    page cache to disk so no writeback runs during the timed part."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+    os.sync()
+
+
+def timed_copy(source: Path, target: Path) -> float:
+    """Seconds to copy every file of `source` into a fresh `target`."""
+    fresh_output(target)
+    started = time.perf_counter()
     for path in sorted(source.iterdir()):
         shutil.copy(path, target / path.name)
+    return time.perf_counter() - started
 
 
 def peak_rss() -> int:
@@ -231,11 +247,11 @@ def peak_rss() -> int:
 
 
 def child_merge(adapter_file: Path, base_dir: Path, out_dir: Path) -> None:
-    """Subprocess body: load the adapter, run the merged export, print its time and peak RSS
-    before and after."""
+    """Subprocess body: load the adapter, run the merged export into a fresh `out_dir`, print its
+    time and peak RSS before and after."""
     adapter = torch.load(adapter_file, weights_only=False)
     baseline = peak_rss()
-    out_dir.mkdir()
+    fresh_output(out_dir)
     started = time.perf_counter()
     write_merged_checkpoint(adapter, base_dir, out_dir, progress=False)
     seconds = time.perf_counter() - started
@@ -244,7 +260,6 @@ def child_merge(adapter_file: Path, base_dir: Path, out_dir: Path) -> None:
 
 def run_merge_subprocess(adapter_file: Path, base_dir: Path, out_dir: Path) -> dict[str, float]:
     """The child's figures (merge seconds, baseline and peak RSS in bytes) and its wall time."""
-    os.sync()
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, __file__, "--child", str(adapter_file), str(base_dir), str(out_dir)],
@@ -266,7 +281,9 @@ def main() -> None:
     parser.add_argument(
         "--shard-mb", type=float, default=300.0, help="largest shard size, MB (1e6 bytes)"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="alternating copy / merged runs")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="timed alternating copy / merged runs"
+    )
     parser.add_argument(
         "--layout",
         choices=("per_expert", "packed"),
@@ -306,11 +323,12 @@ def main() -> None:
 
         copies: list[float] = []
         merges: list[dict[str, float]] = []
-        for _ in range(args.rounds):
-            shutil.rmtree(root / "copy", ignore_errors=True)
-            shutil.rmtree(root / "merged", ignore_errors=True)
-            copies.append(timed(copy_files, base_dir, root / "copy"))
-            merges.append(run_merge_subprocess(adapter_file, base_dir, root / "merged"))
+        for round_ in range(args.rounds + 1):
+            copy_s = timed_copy(base_dir, root / "copy")
+            figures = run_merge_subprocess(adapter_file, base_dir, root / "merged")
+            if round_:
+                copies.append(copy_s)
+                merges.append(figures)
         (root / "adapter").mkdir()
         adapter_s = timed(write_peft_adapter, adapter, root / "adapter")
         hash_s = timed(hash_files, root / "merged")
