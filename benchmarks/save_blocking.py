@@ -1,13 +1,13 @@
 """How long a save blocks training: synchronous export against background export.
 
 Generates a random bf16 Qwen3.5-MoE text checkpoint of at least `--size-gb` (the shapes of
-`export_speed.py`: hidden size 1024, 64 packed routed experts, GDN and gated-attention layers, in
-several shards; the tokenizer of the tiny test model), then trains it with `python train.py` on 2
-CPU ranks (expert parallel 2, LoRA r=16 on every target) for one step with one save, twice:
-`export.background=false` and `export.background=true`. Each run's save log gives the time the
-save kept training waiting (from the save's start to training going on) and, for the background
-save, the part spent writing the training state. Prints both and the ratio, against the goal:
-background save <= training state write + 1 s. Deletes everything it wrote.
+`export_speed.py`: Qwen3.5-35B-A3B widths, 256 packed routed experts, GDN and gated-attention
+layers, in several shards; the tokenizer of the tiny test model), then trains it with
+`python train.py` on 2 CPU ranks (expert parallel 2, LoRA r=16 on every target) for one step with
+one save, twice: `export.background=false` and `export.background=true`. Each run's save log
+gives the time the save kept training waiting (from the save's start to training going on) and,
+for the background save, the part spent writing the training state. Prints both and the ratio,
+against the goal: background save <= training state write + 1 s. Deletes everything it wrote.
 
     python benchmarks/save_blocking.py [--size-gb 1.0] [--shard-mb 300]
 """
