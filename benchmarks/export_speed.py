@@ -220,11 +220,11 @@ def timed(function, *args, **kwargs) -> float:  # type: ignore[no-untyped-def]
 
 
 def fresh_output(directory: Path) -> None:
-    """Delete `directory` (the output of the round before) and make it again, empty; flush the
-    page cache to disk so no writeback runs during the timed part."""
+    """Flush the page cache to disk (so no writeback runs during the timed part), then delete
+    `directory` (the output of the round before) and make it again, empty."""
+    os.sync()
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
-    os.sync()
 
 
 def timed_copy(source: Path, target: Path) -> float:
@@ -346,7 +346,8 @@ def main() -> None:
         ):
             print(
                 f"{label:34s} best {min(times):6.2f} s ({gib / min(times):.2f} GiB/s), "
-                f"median {statistics.median(times):6.2f} s over {len(times)} rounds"
+                f"median {statistics.median(times):6.2f} s over {len(times)} rounds "
+                f"({' '.join(f'{seconds:.2f}' for seconds in times)})"
             )
         print(
             f"merged subprocess wall incl. imports and adapter load: "
