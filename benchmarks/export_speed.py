@@ -19,8 +19,8 @@ Copy and merged run `--rounds` times, alternating, so load drift on a shared mac
 alike; the best and the median of each are printed, with the ratio merged / copy (goal <= 1.5)
 and the export's peak RSS / (largest shard + 256 MiB) (goal <= 1). Deletes everything it wrote.
 
-Each timed run first deletes its own output of the round before, then writes into the memory that
-freed. A virtual machine that hands free memory back to its host writes into memory freed seconds
+Each timed run first flushes the page cache to disk, then deletes its own output of the round
+before and at once writes into the memory that freed. A virtual machine that hands free memory back to its host writes into memory freed seconds
 ago at several GiB/s but into long-free memory at about 0.4 GiB/s (measured here), so without
 this the order of the runs would decide the ratio. A first, untimed round makes those outputs.
 
