@@ -56,8 +56,8 @@ class LowRankDelta:
 
     def factors(self, first: int, stop: int) -> tuple[Tensor, Tensor]:
         """fp32 a [M, r, in] and b [M, out, r] of matrices `first:stop` (M = stop - first; views
-        when the factors are fp32): the base tensor seen as [matrices * out, in] has rows
-        m * out + i = delta[m][i] / scale."""
+        when the factors are fp32), unscaled: matrix m's delta is scale * b[m] @ a[m], at rows
+        m * out : (m + 1) * out of the base tensor seen as [matrices * out, in]."""
         a, b = (self.a, self.b) if self.a.ndim == 3 else (self.a[None], self.b[None])
         return a[first:stop].float(), b[first:stop].float()
 
