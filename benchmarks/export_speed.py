@@ -20,9 +20,10 @@ alike; the best and the median of each are printed, with the ratio merged / copy
 and the export's peak RSS / (largest shard + 256 MiB) (goal <= 1). Deletes everything it wrote.
 
 Each timed run first flushes the page cache to disk, then deletes its own output of the round
-before and at once writes into the memory that freed. A virtual machine that hands free memory back to its host writes into memory freed seconds
-ago at several GiB/s but into long-free memory at about 0.4 GiB/s (measured here), so without
-this the order of the runs would decide the ratio. A first, untimed round makes those outputs.
+before and at once writes into the memory that freed. A virtual machine that hands free memory
+back to its host writes into memory freed seconds ago at several GiB/s but into long-free memory
+at about 0.4 GiB/s (measured here), so without this the order of the runs would decide the
+ratio. A first, untimed round makes those outputs.
 
     python benchmarks/export_speed.py [--size-gb 1.0] [--shard-mb 300] [--rounds 3] \
         [--layout per_expert|packed]
