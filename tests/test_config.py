@@ -20,6 +20,7 @@ from hydra.errors import ConfigCompositionException
 
 from callbacks.checkpoint_export import CheckpointExportCallback
 from callbacks.step_progress import StepProgressBar
+from lora_trainer.data.formats import Columns
 from lora_trainer.data.pipeline import SourceSpec
 from lora_trainer.demo import model as demo_model
 from lora_trainer.demo.model import ensure_tiny_checkpoint, tiny_checkpoint_path
@@ -134,6 +135,14 @@ def test_no_overrides_compose_to_train_config_defaults() -> None:
     ]
     assert differences == []
     assert composed == default
+
+
+def test_data_columns_are_set_from_the_command_line() -> None:
+    """`data.columns` is the data formats' own `Columns`, and overrides set its fields."""
+    composed = compose_config("data.columns.prompt=instruction", "data.columns.completion=output")
+    assert composed.data.columns == Columns(prompt="instruction", completion="output")
+    with pytest.raises(ConfigCompositionException):
+        compose_config("data.columns.answer=output")
 
 
 def test_the_demo_layout_belongs_to_the_demo_preset_only() -> None:

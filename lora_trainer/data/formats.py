@@ -43,9 +43,10 @@ MEDIA_COLUMNS = ("images", "videos", "image", "video")
 MEDIA_PART_TYPES = ("image", "image_url", "video", "video_url", "input_image", "audio")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Columns:
-    """Column names of each format (`data.columns`), defaults as the formats name them."""
+    """Column names of each format (`data.columns`), defaults as the formats name them (a plain
+    dataclass: the config's `data.columns` is one, and Hydra overrides set its fields)."""
 
     messages: str = "messages"
     tools: str = "tools"
@@ -232,12 +233,13 @@ def _refuse_media(record: Mapping[str, Any]) -> None:
             )
 
 
-def parse_record(record: Any, columns: Columns = Columns(), location: str = "") -> SFTSample:
-    """Normalize one row (a mapping) into a sample; raises `ValueError` saying what is wrong."""
+def parse_record(record: Any, columns: Columns | None = None, location: str = "") -> SFTSample:
+    """Normalize one row (a mapping) into a sample, reading the column names `columns` (default:
+    the formats' own names); raises `ValueError` saying what is wrong."""
     if not isinstance(record, Mapping):
         raise ValueError(f"expected an object, got {type(record).__name__}")
     _refuse_media(record)
-    c = columns
+    c = columns or Columns()
     present = [
         key
         for key in (c.messages, c.conversations, c.prompt, c.completion)

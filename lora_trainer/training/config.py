@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_trainer.data.formats import Columns
 from lora_trainer.lora.config import ALL_TARGETS, LoraConfig
 from lora_trainer.parallel.config import ParallelConfig
 from lora_trainer.qwen35.recompute_mode import Recompute
@@ -93,18 +94,6 @@ class ParallelSection:
 
 
 @dataclass
-class DataColumns:
-    """Column names of the row formats (`lora_trainer.data.formats.Columns`)."""
-
-    messages: str = "messages"
-    tools: str = "tools"
-    conversations: str = "conversations"
-    system: str = "system"
-    prompt: str = "prompt"
-    completion: str = "completion"
-
-
-@dataclass
 class DataSection:
     """SFT data; `train_path` null means the small chat dataset shipped with lora_trainer,
     `val_path` null no validation. `train_path` / `val_path` are a path (JSONL/JSON, Parquet, a
@@ -122,7 +111,7 @@ class DataSection:
     train_on: TrainOn = TrainOn.all_assistant
     enable_thinking: bool = True
     overlong: Overlong = Overlong.drop
-    columns: DataColumns = field(default_factory=DataColumns)
+    columns: Columns = field(default_factory=Columns)
     cache_dir: str = ".cache/data"
     num_proc: int | None = None
 
