@@ -11,22 +11,22 @@ from tqdm import tqdm
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Lightning restarts its bar at every epoch; this one runs across epochs. It is set up at the
-    first epoch of the run, at the step the run starts from (a resume's rate counts from there),
-    and left alone at the next ones."""
+    """Lightning restarts its bar at every epoch, as "Epoch N"; this one runs across epochs. It is
+    set up at the first epoch of the run, at the step the run starts from (a resume's rate counts
+    from there), and left alone at the next ones."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._counting_steps: tqdm | None = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
-        if self._counting_steps is not None and self._counting_steps is self.train_progress_bar:
-            return
-        super().on_train_epoch_start(trainer)
         bar = self.train_progress_bar
+        if bar is self._counting_steps:
+            return
+        bar.set_description("Training steps", refresh=False)
         bar.reset(total=trainer.max_steps)
         bar.n = bar.last_print_n = bar.initial = trainer.global_step
-        bar.set_description("Training steps")
+        bar.refresh()
         self._counting_steps = bar
 
     def on_train_batch_end(
