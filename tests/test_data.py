@@ -603,6 +603,9 @@ def test_sampler_resume_continues_exactly(k: int) -> None:
         state = json.loads(json.dumps(first.state_dict()))
         resumed = DPBatchSampler(n, mbs, gbs, rank, dp, seed=3)
         resumed.load_state_dict(state)
+        per_epoch = (n // gbs) * gbs // (mbs * dp)
+        assert len(resumed) == len(list(iter(resumed))) == per_epoch - k % per_epoch
+        resumed.load_state_dict(state)
         assert head + _take(resumed, 20 - k) == reference
 
 

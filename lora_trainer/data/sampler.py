@@ -84,8 +84,12 @@ class DPBatchSampler:
         return self.consumed_samples // self.samples_per_epoch
 
     def __len__(self) -> int:
-        """Micro-batches per epoch for this rank (a resumed epoch yields only its remainder)."""
-        return self.samples_per_epoch // self.micro_step_size
+        """Micro-batches the next iteration yields for this rank: the rest of the current epoch,
+        a whole epoch unless the sampler was resumed in the middle of one. Lightning reads it at
+        every epoch start to know when the epoch ends, as a training step that pulls several
+        micro-batches must never reach past it."""
+        done = self.consumed_samples - self.epoch * self.samples_per_epoch
+        return (self.samples_per_epoch - done) // self.micro_step_size
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
         """The dataset order of `epoch`."""
