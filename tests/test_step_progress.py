@@ -21,9 +21,9 @@ def test_the_bar_counts_steps_across_epochs_from_the_resumed_step() -> None:
     )
     progress = StepProgressBar()
     progress._trainer = trainer  # what Lightning's setup would set
-    progress.on_train_start()
-    bar = progress.train_progress_bar
+    progress.on_train_start(trainer)
     progress.on_train_epoch_start(trainer)
+    bar = progress.train_progress_bar
     assert (bar.n, bar.total, bar.desc) == (20, 40, "Training steps: ")
     assert bar.format_dict["n"] - bar.format_dict["initial"] == 0
     started = bar.start_t
