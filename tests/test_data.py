@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from lora_trainer.data.datamodule import SFTDataModule
 from lora_trainer.data.formats import (
@@ -725,9 +728,42 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class TwoMicroBatchRecorder(Recorder):
+    """Pulls two micro-batches per training step from the loader's iterator through a generator,
+    as the training module hands a global batch's micro-batches to megatron's schedule (so a pull
+    past the end of the epoch is an error, not the end of the epoch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    @staticmethod
+    def micro_batches(dataloader_iter: Any) -> Iterator[dict[str, torch.Tensor]]:
+        for _ in range(2):
+            batch, _, _ = next(dataloader_iter)
+            yield batch
+
+    def training_step(self, dataloader_iter: Any) -> None:  # type: ignore[override]
+        for batch in self.micro_batches(dataloader_iter):
+            self.seen.append(batch["input_ids"][:, :8].flatten().tolist())
+        optimizer = self.optimizers()
+        assert isinstance(optimizer, LightningOptimizer)
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    ("module_class", "global_batch_size"), [(Recorder, 4), (TwoMicroBatchRecorder, 8)]
+)
 def test_lightning_resume_mid_epoch_continues_the_same_batches(
-    tokenizer_dir: Path, tmp_path: Path, cache_dir: Path
+    module_class: type[Recorder],
+    global_batch_size: int,
+    tokenizer_dir: Path,
+    tmp_path: Path,
+    cache_dir: Path,
 ) -> None:
+    """A run resumed in the middle of its second epoch trains through the end of that epoch into
+    the third on the micro-batches of an uninterrupted run, with one or two micro-batches a step."""
+
     def fit(steps: int, ckpt: Path | None = None, save: Path | None = None) -> list[list[int]]:
         trainer = pl.Trainer(
             max_steps=steps,
@@ -740,9 +776,13 @@ def test_lightning_resume_mid_epoch_continues_the_same_batches(
             use_distributed_sampler=False,
             default_root_dir=tmp_path,
         )
-        module = Recorder()
+        module = module_class()
         dm = _datamodule(
-            tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4, cache_dir=cache_dir
+            tokenizer_dir,
+            rank=1,
+            max_seq_len=256,
+            global_batch_size=global_batch_size,
+            cache_dir=cache_dir,
         )
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         if save is not None:
@@ -751,15 +791,21 @@ def test_lightning_resume_mid_epoch_continues_the_same_batches(
 
     ckpt = tmp_path / "step.ckpt"
     probe = _datamodule(
-        tokenizer_dir, rank=1, max_seq_len=256, global_batch_size=4, cache_dir=cache_dir
+        tokenizer_dir,
+        rank=1,
+        max_seq_len=256,
+        global_batch_size=global_batch_size,
+        cache_dir=cache_dir,
     )
     probe.setup("fit")
-    per_epoch = len(probe.train_sampler)
-    assert per_epoch >= 8
-    full = fit(per_epoch + 6)
-    head = fit(per_epoch + 2, save=ckpt)
-    tail = fit(per_epoch + 6, ckpt=ckpt)
-    assert len(full) == per_epoch + 6 and len(tail) == 4
+    per_step = global_batch_size // 4
+    steps_per_epoch = len(probe.train_sampler) // per_step
+    assert steps_per_epoch >= 4
+    full = fit(2 * steps_per_epoch + 1)
+    head = fit(steps_per_epoch + 2, save=ckpt)
+    tail = fit(2 * steps_per_epoch + 1, ckpt=ckpt)
+    assert len(full) == (2 * steps_per_epoch + 1) * per_step
+    assert len(tail) == (steps_per_epoch - 1) * per_step
     assert head + tail == full
 
 
