@@ -83,23 +83,25 @@ class DPBatchSampler:
         """The epoch the next micro-batch belongs to."""
         return self.consumed_samples // self.samples_per_epoch
 
+    @property
+    def consumed_in_epoch(self) -> int:
+        """Samples of the current epoch already handed out to all DP ranks together."""
+        return self.consumed_samples % self.samples_per_epoch
+
     def __len__(self) -> int:
         """Micro-batches the next iteration yields for this rank: the rest of the current epoch,
         a whole epoch unless the sampler was resumed in the middle of one. Lightning reads it at
         every epoch start to know when the epoch ends, as a training step that pulls several
         micro-batches must never reach past it."""
-        done = self.consumed_samples - self.epoch * self.samples_per_epoch
-        return (self.samples_per_epoch - done) // self.micro_step_size
+        return (self.samples_per_epoch - self.consumed_in_epoch) // self.micro_step_size
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
         """The dataset order of `epoch`."""
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch = self.epoch
-        order = self.epoch_permutation(epoch)
-        start = self.consumed_samples - epoch * self.samples_per_epoch
-        for offset in range(start, self.samples_per_epoch, self.micro_step_size):
+        order = self.epoch_permutation(self.epoch)
+        for offset in range(self.consumed_in_epoch, self.samples_per_epoch, self.micro_step_size):
             first = offset + self.dp_rank * self.micro_batch_size
             batch = order[first : first + self.micro_batch_size].tolist()
             self.consumed_samples += self.micro_step_size
